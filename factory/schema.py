@@ -1,0 +1,181 @@
+"""Every table factory writes, declared once.
+
+Column names here are a public contract: users' SQL and scripts depend on them.
+Tables may carry extra columns (they are kept, after the declared ones), but the
+declared ones must be present with their types, and non-nullable ones must
+have no nulls. `validate` names the file, the column and the first bad row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Values of labels.answer_status.
+ANSWER_STATUSES = ("correct", "wrong", "unparseable", "no_gold")
+
+PROBLEMS = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("gold_answer", pa.string()),  # null: unlabeled
+        pa.field("gold_rationale", pa.string()),  # null: answers only, or nothing
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("n_steps", pa.int32()),  # steps of the gold rationale, when known
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("parent_sample_id", pa.string()),  # continuations and rollouts
+        pa.field("prefix_steps", pa.int32()),  # steps kept from the parent
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("temperature", pa.float64(), nullable=False),
+        pa.field("top_p", pa.float64(), nullable=False),
+        pa.field("max_new_tokens", pa.int32(), nullable=False),
+        pa.field("calculator", pa.bool_(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+    ]
+)
+
+LABELS = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("answer", pa.string()),  # normalised number; null: unparseable
+        pa.field("answer_source", pa.string()),  # which pattern found it (hashes, boxed, ...)
+        pa.field("answer_status", pa.string(), nullable=False),  # one of ANSWER_STATUSES
+        pa.field("correct", pa.bool_()),  # null: no gold to judge against
+        pa.field("n_steps", pa.int32(), nullable=False),
+        pa.field("calc_total", pa.int32(), nullable=False),
+        pa.field("calc_wrong", pa.int32(), nullable=False),
+        pa.field("first_error_step", pa.int32()),  # 0-based step index; null: no wrong annotation
+        pa.field("vote_count", pa.int32()),
+        pa.field("vote_share", pa.float64()),
+        pa.field("vote_rank", pa.int32()),
+        pa.field("step_scores", pa.list_(pa.float64())),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("recipe", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("chosen_sample_id", pa.string()),  # null: the gold rationale
+        pa.field("rejected_sample_id", pa.string()),
+        pa.field("weight", pa.float64(), nullable=False),
+    ]
+)
+
+DROPPED = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),  # id of the dropped row in its own table
+        pa.field("table", pa.string(), nullable=False),  # which table it would have been in
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("filter", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("row", pa.string(), nullable=False),  # the whole row as JSON: nothing is lost
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "problems": PROBLEMS,
+    "samples": SAMPLES,
+    "labels": LABELS,
+    "pairs": PAIRS,
+    "dropped": DROPPED,
+}
+
+
+class SchemaError(ValueError):
+    """A table does not match its declared schema; the message names file, column and row."""
+
+
+def schema_for(kind: str) -> pa.Schema:
+    try:
+        return TABLES[kind]
+    except KeyError:
+        raise SchemaError(f"unknown table kind {kind!r}; expected one of {sorted(TABLES)}") from None
+
+
+def _first_bad_row(column: pa.ChunkedArray, target: pa.DataType) -> tuple[int, object]:
+    for index, value in enumerate(column.to_pylist()):
+        try:
+            pa.array([value]).cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return index, value
+    return -1, None
+
+
+def validate(table: pa.Table, kind: str, *, source: str = "<table>") -> pa.Table:
+    """Check `table` against the schema of `kind`; return it cast, declared columns first.
+
+    Missing columns that are nullable are added as nulls (a JSONL file need not
+    spell out every optional field); missing required ones are an error.
+    """
+    schema = schema_for(kind)
+    columns, fields = [], []
+    for field in schema:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise SchemaError(
+                    f"{source}: {kind} table has no column {field.name!r} "
+                    f"(has: {', '.join(table.column_names) or 'none'})"
+                )
+            column = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
+        else:
+            column = table.column(field.name)
+            if column.type != field.type:
+                try:
+                    column = column.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    row, value = _first_bad_row(column, field.type)
+                    raise SchemaError(
+                        f"{source}: column {field.name!r} row {row}: expected {field.type}, "
+                        f"got {value!r} (column type {column.type})"
+                    ) from None
+            if not field.nullable and column.null_count:
+                row = pc.index(pc.is_null(column), True).as_py()
+                raise SchemaError(f"{source}: column {field.name!r} row {row}: null in a required field")
+        columns.append(column)
+        fields.append(field)
+    for name in table.column_names:
+        if name not in schema.names:
+            columns.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def from_rows(rows: list[dict], kind: str, *, source: str = "<rows>") -> pa.Table:
+    """Build and validate a table of `kind` from Python dicts (declared columns only)."""
+    schema = schema_for(kind)
+    for index, row in enumerate(rows):
+        missing = [f.name for f in schema if not f.nullable and row.get(f.name) is None]
+        if missing:
+            raise SchemaError(f"{source}: row {index}: required field {missing[0]!r} is missing or null")
+    data = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    for field in schema:
+        for index, value in enumerate(data[field.name]):
+            if value is None:
+                continue
+            try:
+                pa.array([value], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise SchemaError(
+                    f"{source}: row {index} field {field.name!r}: expected {field.type}, got {value!r}"
+                ) from None
+    return pa.table(data, schema=schema)

@@ -1,0 +1,1 @@
+"""Slim trainers over TRL: SFT (warm-up and self-training), DPO, ORPO."""
