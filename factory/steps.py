@@ -12,7 +12,9 @@ FINAL_ANSWER_MARKER = "####"
 
 
 def split_steps(text: str, delimiter: str = "\n") -> list[str]:
-    """>>> split_steps("a=<<1+1=2>>2\\n\\nb=<<2*3=6>>6\\n#### 6")
+    r"""Non-empty lines, final-answer line excluded.
+
+    >>> split_steps("a=<<1+1=2>>2\n\nb=<<2*3=6>>6\n#### 6")
     ['a=<<1+1=2>>2', 'b=<<2*3=6>>6']
     """
     steps = []
