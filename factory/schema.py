@@ -57,7 +57,8 @@ LABELS = pa.schema(
         pa.field("correct", pa.bool_()),  # null: no gold to judge against
         pa.field("n_steps", pa.int32(), nullable=False),
         pa.field("calc_total", pa.int32(), nullable=False),
-        pa.field("calc_wrong", pa.int32(), nullable=False),
+        pa.field("calc_wrong", pa.int32(), nullable=False),  # annotations whose result is wrong
+        pa.field("calc_invalid", pa.int32(), nullable=False),  # annotations the calculator cannot evaluate
         pa.field("first_error_step", pa.int32()),  # 0-based step index; null: no wrong annotation
         pa.field("vote_count", pa.int32()),
         pa.field("vote_share", pa.float64()),

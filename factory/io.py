@@ -1,0 +1,77 @@
+"""Atomic writes and tolerant reads of user files (Parquet or JSONL).
+
+Every output is written to a temporary file beside its target and renamed into
+place, so a killed stage never leaves a half-written file that DVC or a later
+stage could mistake for a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+
+class InputError(ValueError):
+    """A user-supplied file cannot be read; the message names the file, line and field."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, value: object) -> None:
+    write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Objects of a JSONL file; blank lines skipped; a bad line is an InputError naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_rows_table(path: str | Path) -> pa.Table:
+    """A Parquet file, or a JSONL file as a table (columns from the union of keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.suffix in {".jsonl", ".json", ".ndjson"}:
+        rows = read_jsonl(path)
+        names = list(dict.fromkeys(key for row in rows for key in row))
+        return pa.table({name: [row.get(name) for row in rows] for name in names})
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{path}: not a readable Parquet file ({error})") from None

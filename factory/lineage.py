@@ -1,0 +1,124 @@
+"""Provenance: written with every Parquet file and model, read back by `factory lineage`.
+
+A Parquet file carries one key-value entry, `factory`, holding JSON with the
+producing stage, its params, the fingerprints of its inputs, the model that
+generated its rows (if any) and the code version. A model directory carries
+`lineage.json`: its model_id (a hash of its weights), parent model, training
+data fingerprints, params and metrics. Nothing time-dependent is recorded, so
+the same params and seed give the same bytes and DVC's cache hits.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory import __version__
+from factory.ids import canonical_json, content_id, file_fingerprint
+from factory.io import atomic_path, write_json
+from factory.schema import validate
+
+METADATA_KEY = b"factory"
+MODEL_LINEAGE_FILE = "lineage.json"
+# What defines a model: its weights, architecture and tokenizer (not its lineage or run logs).
+_MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version plus a hash of the package sources (stable across machines)."""
+    digest = hashlib.blake2b(digest_size=6)
+    for root in (Path(__file__).parent, Path(__file__).parent.parent / "train"):
+        for file in sorted(root.rglob("*.py")):
+            digest.update(file.relative_to(root.parent).as_posix().encode() + b"\0" + file.read_bytes())
+    return f"{__version__}+{digest.hexdigest()}"
+
+
+def fingerprints(inputs: dict[str, str | Path] | None) -> dict[str, str]:
+    return {name: file_fingerprint(path) for name, path in sorted((inputs or {}).items())}
+
+
+def write_table(
+    table: pa.Table,
+    path: str | Path,
+    *,
+    kind: str,
+    stage: str,
+    params: dict | None = None,
+    inputs: dict[str, str | Path] | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """Validate `table` as `kind`, attach provenance, write it atomically as Parquet."""
+    path = Path(path)
+    table = validate(table, kind, source=str(path))
+    provenance = {
+        "table": kind,
+        "stage": stage,
+        "params": params or {},
+        "inputs": fingerprints(inputs),
+        "model_id": model_id,
+        "code_version": code_version(),
+        "rows": table.num_rows,
+    }
+    metadata = dict(table.schema.metadata or {})
+    metadata[METADATA_KEY] = canonical_json(provenance).encode()
+    table = table.replace_schema_metadata(metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read_table(path: str | Path, kind: str | None = None) -> pa.Table:
+    table = pq.read_table(path)
+    return validate(table, kind, source=str(path)) if kind else table
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The provenance written by `write_table`, or None for a file factory did not write."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def model_id(model: str | Path) -> str:
+    """`m-…` hash of a local model's weights, config and tokenizer; `hub:NAME` for a Hub id."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{model}"
+    files = sorted({f for pattern in _MODEL_FILE_PATTERNS for f in path.glob(pattern)})
+    if not files:
+        raise FileNotFoundError(f"{path}: no model weights (*.safetensors or *.bin) found")
+    return content_id("model", [[f.name, file_fingerprint(f)] for f in files])
+
+
+def write_model_lineage(
+    model_dir: str | Path,
+    *,
+    stage: str,
+    parent: str | None,
+    data: dict[str, str | Path],
+    params: dict,
+    metrics: dict | None = None,
+) -> dict:
+    """Record where a freshly saved model came from; returns the record (with its model_id)."""
+    record = {
+        "model_id": model_id(model_dir),
+        "stage": stage,
+        "parent": parent,
+        "data": fingerprints(data),
+        "params": params,
+        "metrics": metrics or {},
+        "code_version": code_version(),
+    }
+    write_json(Path(model_dir) / MODEL_LINEAGE_FILE, record)
+    return record
+
+
+def read_model_lineage(model_dir: str | Path) -> dict | None:
+    path = Path(model_dir) / MODEL_LINEAGE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
