@@ -1,0 +1,379 @@
+"""Problem sources from files and the Hugging Face Hub.
+
+Each loader returns ``(problems, dropped)``: `problems` are dicts with exactly
+the columns of `factory.schema.PROBLEMS`, `dropped` dicts with the columns of
+`factory.schema.DROPPED` (the original record as JSON, the filter and the
+reason), so that ``len(problems) + len(dropped)`` is the number of records read.
+
+How a record becomes a problem:
+
+- ``question`` is required and must be a non-empty string; a record without one
+  is an error (`ProblemSourceError`), as is a line that is not a JSON object:
+  a broken source should stop the pipeline, not shrink it.
+- ``answer`` is optional. Text containing ``####`` is GSM8K format: the gold
+  answer is the number after the last ``####``, the gold rationale is the whole
+  text as it is, and ``n_steps`` counts its steps (`factory.steps.split_steps`;
+  a text with no step before ``####`` is a bare answer: no rationale, no
+  n_steps). Other text, or a number, is a bare final answer. Missing or null:
+  an unlabeled problem (gold_answer None).
+- An answer that is present but unusable (no number, several numbers, neither
+  text nor a number) drops the record with filter ``answer``; a problem_id seen
+  before drops it with filter ``duplicate``, naming the line (or row) it repeats.
+- problem_id is the record's id field as a string when it has one, else
+  ``factory.ids.content_id("problem", question)`` of the question exactly as
+  stored (not stripped), so the same question gets the same id everywhere.
+- `source` never holds a machine path: ``gsm8k:test.jsonl``, ``jsonl:mine.jsonl``,
+  ``gsm8k:openai/gsm8k``, ``hf:<name>[:<config>]`` (a local dataset folder: its
+  folder name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from factory.answers import find_numbers, normalize_number
+from factory.ids import content_id
+from factory.steps import FINAL_ANSWER_MARKER, split_steps
+
+__all__ = ["ProblemSourceError", "load_gsm8k", "load_hf", "load_jsonl"]
+
+STAGE = "problems"
+_GSM8K_SPLITS = ("train", "test")
+_REPR_LIMIT = 200
+
+
+class ProblemSourceError(ValueError):
+    """A problem source cannot be read; the message names the file, the line and the field."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def _gold_from_text(text: str) -> tuple[str | None, str | None]:
+    """(normalised answer, None) or (None, why it is unusable) for a bare answer text."""
+    numbers = find_numbers(text)
+    if not numbers:
+        return None, "has no number"
+    if len(numbers) > 1:
+        return None, "has several numbers"
+    return normalize_number(numbers[0]), None
+
+
+def _read_answer(value: Any, field: str) -> tuple[dict, str | None]:
+    """Columns gold_answer, gold_rationale, n_steps from an answer value, or a drop reason."""
+    unlabeled = {"gold_answer": None, "gold_rationale": None, "n_steps": None}
+    if value is None:
+        return unlabeled, None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return unlabeled, f"field {field!r} is neither text nor a number: {_short(value)}"
+    if not isinstance(value, str):  # a numeric answer column
+        if isinstance(value, float) and not math.isfinite(value):
+            return unlabeled, f"field {field!r} is not a finite number: {value!r}"
+        number = Fraction(repr(value)) if isinstance(value, float) else Fraction(value)  # 0.1 is 1/10
+        return {"gold_answer": normalize_number(number), "gold_rationale": None, "n_steps": None}, None
+    if FINAL_ANSWER_MARKER in value:
+        tail = value.rsplit(FINAL_ANSWER_MARKER, 1)[1]
+        gold, problem = _gold_from_text(tail)
+        if problem:
+            after = f"the text after {FINAL_ANSWER_MARKER!r}"
+            return unlabeled, f"field {field!r}: {after} {problem}: {_short(tail.strip())}"
+        n_steps = len(split_steps(value))
+        if n_steps:
+            return {"gold_answer": gold, "gold_rationale": value, "n_steps": n_steps}, None
+        return {"gold_answer": gold, "gold_rationale": None, "n_steps": None}, None
+    gold, problem = _gold_from_text(value)
+    if problem:
+        return unlabeled, f"field {field!r} {problem}: {_short(value)}"
+    return {"gold_answer": gold, "gold_rationale": None, "n_steps": None}, None
+
+
+def _record_json(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def _map_records(
+    records: Iterable[tuple[str, dict, str]],
+    *,
+    origin: str,
+    label: str,
+    source: str,
+    question_field: str,
+    answer_field: str,
+    id_field: str | None,
+) -> tuple[list[dict], list[dict]]:
+    """Map `(where, record, split)` triples ("line 3", {...}, "train") to problems and drops.
+
+    `origin` (the path as given) names the source in errors; `label` (a file
+    name or dataset id, never a machine path) names it in drop reasons, which are data.
+    """
+    problems: list[dict] = []
+    dropped: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for where, record, split in records:
+        if not isinstance(record, dict):
+            raise ProblemSourceError(
+                f"{origin}: {where}: expected a JSON object with field {question_field!r}, "
+                f"got {type(record).__name__}"
+            )
+        question = record.get(question_field)
+        if question is None:
+            raise ProblemSourceError(f"{origin}: {where}: field {question_field!r} is missing or null")
+        if not isinstance(question, str):
+            raise ProblemSourceError(
+                f"{origin}: {where}: field {question_field!r} must be a string, got {_short(question)}"
+            )
+        if not question.strip():
+            raise ProblemSourceError(f"{origin}: {where}: field {question_field!r} is empty")
+        raw_id = record.get(id_field) if id_field else None
+        if raw_id is not None:
+            problem_id = str(raw_id)
+            if not problem_id.strip():
+                raise ProblemSourceError(f"{origin}: {where}: field {id_field!r} is empty")
+        else:
+            problem_id = content_id("problem", question)
+
+        def drop(filter_name: str, reason: str) -> None:
+            dropped.append(
+                {
+                    "row_id": problem_id,
+                    "table": "problems",
+                    "stage": STAGE,
+                    "filter": filter_name,
+                    "reason": f"{label} {where}: {reason}",
+                    "row": _record_json(record),
+                }
+            )
+
+        if problem_id in first_seen:
+            drop("duplicate", f"duplicate of {first_seen[problem_id]} (problem_id {problem_id})")
+            continue
+        gold, problem = _read_answer(record.get(answer_field), answer_field)
+        if problem:
+            drop("answer", problem)
+            continue
+        first_seen[problem_id] = where
+        problems.append(
+            {
+                "problem_id": problem_id,
+                "question": question,
+                **gold,
+                "source": source,
+                "split": split,
+            }
+        )
+    # the declared column order, exactly
+    order = ("problem_id", "question", "gold_answer", "gold_rationale", "source", "split", "n_steps")
+    return [{name: row[name] for name in order} for row in problems], dropped
+
+
+# --- JSONL -------------------------------------------------------------------
+
+
+def _jsonl_records(path: Path, split: str) -> Iterator[tuple[str, Any, str]]:
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ProblemSourceError(f"{path}: line {lineno}: not UTF-8 ({error.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ProblemSourceError(
+                    f"{path}: line {lineno}: malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
+            yield f"line {lineno}", record, split
+
+
+def _load_jsonl_file(
+    path: str | os.PathLike,
+    *,
+    source: str,
+    split: str,
+    question_field: str,
+    answer_field: str,
+    id_field: str | None,
+) -> tuple[list[dict], list[dict]]:
+    path = Path(path)
+    return _map_records(
+        _jsonl_records(path, split),
+        origin=str(path),
+        label=path.name,
+        source=source,
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
+    )
+
+
+def load_jsonl(
+    path: str,
+    *,
+    split: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = "id",
+) -> tuple[list[dict], list[dict]]:
+    """Problems from a JSON-lines file: one object per line, blank lines skipped.
+
+    `split` labels every row (default 'train'); source is ``jsonl:<file name>``.
+    """
+    path = Path(path)
+    return _load_jsonl_file(
+        path,
+        source=f"jsonl:{path.name}",
+        split=split or "train",
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
+    )
+
+
+# --- datasets (Hub or a local save_to_disk folder) ------------------------------
+
+
+def _split_label(split: str) -> str:
+    """'train[:100]' -> 'train' (a slice of a split is still that split)."""
+    return split.split("[", 1)[0].strip() or split
+
+
+def _dataset_records(datasets_by_split: list[tuple[str, Any]]) -> Iterator[tuple[str, dict, str]]:
+    for split, dataset in datasets_by_split:
+        for index, record in enumerate(dataset, 1):
+            yield f"split {split!r} row {index}", record, split
+
+
+def _check_columns(datasets_by_split: list[tuple[str, Any]], origin: str, question_field: str) -> None:
+    for split, dataset in datasets_by_split:
+        columns = list(getattr(dataset, "column_names", None) or [])
+        if columns and question_field not in columns:
+            raise ProblemSourceError(
+                f"{origin}: split {split!r}: no field {question_field!r} (has: {', '.join(columns)})"
+            )
+
+
+def _open_dataset(name: str, *, split: str | None, config: str | None, default_split: str | None):
+    """[(split label, Dataset)] from a local save_to_disk folder or `datasets.load_dataset`."""
+    import datasets  # heavy: imported only when a dataset is loaded
+
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split is None:
+                return list(loaded.items())
+            if split not in loaded:
+                raise ProblemSourceError(f"{name}: no split {split!r} (has: {', '.join(loaded)})")
+            return [(split, loaded[split])]
+        return [(_split_label(split or default_split or "train"), loaded)]
+    split = split or default_split
+    loaded = datasets.load_dataset(name, config, split=split)
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        return list(loaded.items())
+    return [(_split_label(split), loaded)]
+
+
+def _load_dataset(
+    name: str,
+    *,
+    split: str | None,
+    config: str | None,
+    default_split: str | None,
+    source: str,
+    question_field: str,
+    answer_field: str,
+    id_field: str | None,
+) -> tuple[list[dict], list[dict]]:
+    by_split = _open_dataset(name, split=split, config=config, default_split=default_split)
+    _check_columns(by_split, name, question_field)
+    return _map_records(
+        _dataset_records(by_split),
+        origin=name,
+        label=_source_name(name),
+        source=source,
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
+    )
+
+
+def _source_name(name: str) -> str:
+    """A Hub id as it is; a local folder by its name only (no machine paths in data)."""
+    return Path(name).resolve().name if Path(name).is_dir() else name
+
+
+def load_hf(
+    name: str,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Problems from a Hugging Face dataset: a Hub id, or a folder saved with `save_to_disk`.
+
+    `split=None` loads every split and labels each row with its own split
+    name. `id_field` is off by default: a dataset's ids are often only unique
+    within a split, and content ids are stable anyway.
+    """
+    source = f"hf:{_source_name(name)}" + (f":{config}" if config else "")
+    return _load_dataset(
+        name,
+        split=split,
+        config=config,
+        default_split=None,
+        source=source,
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
+    )
+
+
+# --- GSM8K -------------------------------------------------------------------
+
+
+def _is_file_spec(spec: str) -> bool:
+    path = Path(spec)
+    return path.is_file() or (not path.is_dir() and path.suffix in (".jsonl", ".json"))
+
+
+def load_gsm8k(
+    spec: str, *, split: str | None = None, config: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """GSM8K from an original JSONL file (``test.jsonl``), a saved folder, or the Hub (``openai/gsm8k``).
+
+    `split` labels the rows of a file (default: the file stem when it is
+    'train' or 'test', else 'train') and selects the split on the Hub
+    (default 'train'; `config` default 'main').
+    """
+    if _is_file_spec(spec):
+        path = Path(spec)
+        label = split or (path.stem if path.stem in _GSM8K_SPLITS else "train")
+        return _load_jsonl_file(
+            path,
+            source=f"gsm8k:{path.name}",
+            split=label,
+            question_field="question",
+            answer_field="answer",
+            id_field=None,
+        )
+    return _load_dataset(
+        spec,
+        split=split,
+        config=None if Path(spec).is_dir() else (config or "main"),
+        default_split="train",
+        source=f"gsm8k:{_source_name(spec)}",
+        question_field="question",
+        answer_field="answer",
+        id_field=None,
+    )
