@@ -1,0 +1,218 @@
+"""The `factory` command: one thin subcommand per library call.
+
+Heavy libraries (torch, transformers, trl) are imported inside the commands
+that need them, so `factory --help` and the table commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from factory.params import DEFAULT_PARAMS
+
+
+def _params(args):
+    from factory.params import load_params
+
+    return load_params(args.params)
+
+
+def cmd_problems(args) -> None:
+    """Write a problems table from a source.
+
+    Example: factory problems arith --out data/problems.parquet
+    Example: factory problems gsm8k:../shared/data/gsm8k/test.jsonl --out gsm8k_test.parquet
+    """
+    from factory.lineage import write_table
+    from factory.params import as_dict, section
+    from factory.problems import load_source, source_inputs
+    from factory.problems.arith import ArithConfig
+    from factory.schema import from_rows
+
+    arith = None
+    record: dict = {"source": args.source, "split": args.split}
+    if args.source == "arith":
+        params = _params(args)
+        arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
+        record["arith"] = as_dict(arith)
+    problems, dropped = load_source(args.source, split=args.split, arith_config=arith)
+    out = Path(args.out)
+    inputs = source_inputs(args.source)
+    write_table(from_rows(problems, "problems", source=args.source), out, kind="problems",
+                stage="problems", params=record, inputs=inputs)
+    dropped_path = Path(args.dropped) if args.dropped else out.with_name(out.stem + ".dropped.parquet")
+    write_table(from_rows(dropped, "dropped", source=args.source), dropped_path, kind="dropped",
+                stage="problems", params=record, inputs=inputs)
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[p["split"]] = counts.get(p["split"], 0) + 1
+    print(f"{out}: {len(problems)} problems ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+          f"{len(dropped)} dropped -> {dropped_path}")
+
+
+def cmd_warmup(args) -> None:
+    """Train the warm-up model (SFT on gold rationales) with early stopping on dev accuracy.
+
+    Example: factory warmup --problems data/problems.parquet --out models/iter_0
+    """
+    from factory.io import write_json
+    from factory.lineage import read_table, write_model_lineage
+    from factory.modeling import TinyModelConfig
+    from factory.params import section
+    from train.sft import WarmupConfig, main
+
+    params = _params(args)
+    config = section(params, "warmup", WarmupConfig, path=args.params)
+    tiny = section(params, "model", TinyModelConfig, path=args.params)
+    problems = read_table(args.problems, "problems").to_pylist()
+    summary = main(problems=problems, out_dir=args.out, config=config, tiny=tiny)
+    record = write_model_lineage(
+        args.out, stage="warmup", parent=None if config.base_model == "tiny" else config.base_model,
+        data={"problems": args.problems},
+        params={"warmup": params.get("warmup", {}), "model": params.get("model", {})},
+        metrics={k: summary[k] for k in ("best_epoch", "dev_accuracy", "parameters", "train_problems")},
+    )
+    if args.curve:
+        write_json(args.curve, summary["curve"])
+    print(f"{args.out}: model {record['model_id']}, dev accuracy {summary['dev_accuracy']:.3f} "
+          f"at epoch {summary['best_epoch']}")
+
+
+def cmd_eval(args) -> None:
+    """Greedy accuracy per split, decoded with the calculator, as DVC metrics JSON.
+
+    Example: factory eval --model models/iter_0 --problems data/problems.parquet --out metrics/iter_0.json
+    """
+    import pyarrow as pa
+
+    from factory.evaluate import EvalConfig, evaluate, select_problems
+    from factory.ids import content_id
+    from factory.io import write_json
+    from factory.lineage import model_id, read_table, write_table
+    from factory.modeling import load_model
+    from factory.params import as_dict, section
+
+    config = section(_params(args), "eval", EvalConfig, path=args.params)
+    if args.splits:
+        config = EvalConfig(**{**as_dict(config), "splits": tuple(args.splits.split(","))})
+    problems = select_problems(read_table(args.problems, "problems").to_pylist(), config.splits, args.problems)
+    model, tokenizer = load_model(args.model)
+    evaluation = evaluate(model, tokenizer, problems, config)
+    metrics = evaluation.metrics()
+    write_json(args.out, metrics)
+    if args.predictions:
+        mid = model_id(args.model)
+        decoding = config.decoding()
+        rows = [
+            {
+                **p,
+                "sample_id": content_id("sample", p["problem_id"], mid, "eval-greedy", 0),
+                "iteration": args.iteration,
+                "model_id": mid,
+                "generator": "eval-greedy",
+                "sample_index": 0,
+                "seed": 0,
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_new_tokens": decoding.max_new_tokens,
+                "calculator": decoding.calculator,
+            }
+            for p in evaluation.predictions
+        ]
+        write_table(pa.Table.from_pylist(rows), args.predictions, kind="samples", stage="eval",
+                    params=as_dict(config), inputs={"problems": args.problems}, model_id=mid)
+    for split, m in metrics.items():
+        print(f"{split}: accuracy {m['accuracy']:.3f} ± {m['stderr']:.3f} (n={m['n']}, unparseable {m['unparseable']})")
+
+
+def cmd_label(args) -> None:
+    """Label samples: extracted answer, status against gold, calculator checks.
+
+    SAMPLES is Parquet or JSONL with `problem_id` and `text` (and optionally `sample_id`).
+    Example: factory label samples.jsonl --problems data/problems.parquet --out labels.parquet
+    """
+    import pyarrow as pa
+
+    from factory.ids import content_id
+    from factory.io import read_rows_table
+    from factory.labelers import label_samples
+    from factory.lineage import read_table, write_table
+
+    samples = read_rows_table(args.samples)
+    for field in ("problem_id", "text"):
+        if field not in samples.column_names:
+            raise ValueError(f"{args.samples}: samples need a {field!r} field (found: {', '.join(samples.column_names)})")
+        column = samples.column(field).to_pylist()
+        for row, value in enumerate(column):
+            if not isinstance(value, str):
+                raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {value!r}")
+    if "sample_id" not in samples.column_names:
+        ids = [content_id("sample", p, t) for p, t in zip(samples.column("problem_id").to_pylist(),
+                                                          samples.column("text").to_pylist())]
+        samples = samples.append_column("sample_id", pa.array(ids, pa.string()))
+    problems = read_table(args.problems, "problems")
+    labels = label_samples(samples, problems, samples_source=str(args.samples))
+    write_table(labels, args.out, kind="labels", stage="label",
+                inputs={"samples": args.samples, "problems": args.problems})
+    statuses = labels.column("answer_status").value_counts().to_pylist()
+    summary = ", ".join(f"{s['values']} {s['counts']}" for s in sorted(statuses, key=lambda s: s["values"]))
+    wrong = sum(labels.column("calc_wrong").to_pylist())
+    print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=func.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("problems", cmd_problems, "write a problems table from a source")
+    p.add_argument("source", help="arith | gsm8k:PATH_OR_HUB_ID | jsonl:PATH | hf:NAME_OR_DIR")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--split", help="keep only this split (file sources: the split name to record)")
+    p.add_argument("--dropped", help="where dropped rows go (default: OUT with .dropped.parquet)")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (arith reads its `problems.arith`)")
+
+    p = command("warmup", cmd_warmup, "train the warm-up model on gold rationales")
+    p.add_argument("--problems", required=True, help="problems Parquet with train and dev splits")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--curve", help="write the dev-accuracy curve as JSON (for dvc plots)")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+
+    p = command("eval", cmd_eval, "greedy accuracy per split, as DVC metrics")
+    p.add_argument("--model", required=True, help="model folder or Hub id")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--predictions", help="also write the decoded samples (Parquet)")
+    p.add_argument("--splits", help="comma-separated splits (default: params eval.splits)")
+    p.add_argument("--iteration", type=int, default=0, help="iteration recorded with the predictions")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+
+    p = command("label", cmd_label, "label samples against gold and the calculator")
+    p.add_argument("samples", help="samples Parquet or JSONL (problem_id, text, optional sample_id)")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--out", required=True, help="labels Parquet to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("FACTORY_DEBUG"):
+            raise
+        print(f"factory {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

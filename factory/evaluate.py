@@ -1,0 +1,107 @@
+"""Greedy evaluation with the calculator: accuracy per split, as DVC metrics.
+
+`factory eval` decodes every problem of the chosen splits once, greedily, with
+calculator-integrated decoding, extracts the final answer and compares it with
+gold numerically. Predictions are written as a samples table (plus the label
+columns), so a number in the metrics file can be traced to the rows behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factory.answers import answer_status, extract_answer
+from factory.generators.decoding import DecodingConfig, generate
+from factory.modeling import format_prompt
+
+EVAL_SEED = 0  # greedy decoding draws no noise; recorded for the samples table
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Which splits to score and how to decode them (params.yaml `eval`)."""
+
+    splits: tuple[str, ...] = ("test", "test_ood")
+    max_new_tokens: int = 256
+    batch_size: int = 128
+    calculator: bool = True
+
+    def decoding(self) -> DecodingConfig:
+        return DecodingConfig(
+            temperature=0.0, max_new_tokens=self.max_new_tokens, calculator=self.calculator, batch_size=self.batch_size
+        )
+
+
+@dataclass
+class SplitScore:
+    n: int = 0
+    correct: int = 0
+    unparseable: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error: how far one seed's accuracy may move by chance."""
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.n) if self.n else 0.0
+
+    def as_metrics(self) -> dict:
+        return {
+            "accuracy": round(self.accuracy, 4),
+            "stderr": round(self.stderr, 4),
+            "n": self.n,
+            "unparseable": self.unparseable,
+        }
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, SplitScore] = field(default_factory=lambda: defaultdict(SplitScore))
+    predictions: list[dict] = field(default_factory=list)
+
+    def metrics(self) -> dict:
+        return {split: score.as_metrics() for split, score in sorted(self.scores.items())}
+
+
+def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> Evaluation:
+    """Score `problems` (dicts with question, gold_answer, split, problem_id)."""
+    prompts = [format_prompt(tokenizer, p["question"]) for p in problems]
+    completions = generate(
+        model, tokenizer, prompts, [EVAL_SEED] * len(prompts), config.decoding(),
+        desc="eval", show_progress=show_progress,
+    )
+    evaluation = Evaluation()
+    for problem, completion in zip(problems, completions):
+        extraction = extract_answer(completion.text)
+        status = answer_status(extraction.answer, problem.get("gold_answer"))
+        score = evaluation.scores[problem["split"]]
+        score.n += 1
+        score.correct += status == "correct"
+        score.unparseable += status == "unparseable"
+        evaluation.predictions.append(
+            {
+                "problem_id": problem["problem_id"],
+                "split": problem["split"],
+                "text": completion.text,
+                "n_tokens": completion.n_tokens,
+                "finish_reason": completion.finish_reason,
+                "answer": extraction.answer,
+                "answer_status": status,
+            }
+        )
+    return evaluation
+
+
+def select_problems(problems: list[dict], splits: tuple[str, ...], source: str | Path) -> list[dict]:
+    chosen = [p for p in problems if p["split"] in splits]
+    present = {p["split"] for p in chosen}
+    missing = [s for s in splits if s not in present]
+    if missing:
+        found = sorted({p["split"] for p in problems})
+        raise ValueError(f"{source}: no problems in split(s) {missing}; splits present: {found}")
+    return chosen
