@@ -1,0 +1,101 @@
+"""Sample N rationales per problem with the HF backend: rows of the `samples` table.
+
+Each row's sampling noise is seeded from (seed, problem_id, sample_index), and
+its `sample_id` hashes everything that defines the request (problem, model,
+generator, sampling params, index, seed). The same request is the same row, in
+any batch, on any run: what makes resuming and caching exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from factory.generators.decoding import DecodingConfig, generate
+from factory.ids import content_hash, content_id
+from factory.modeling import format_prompt
+
+GENERATOR = "hf"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How many rationales to draw per problem, and how (params.yaml `sample`)."""
+
+    n: int = 5
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    calculator: bool = True
+    batch_size: int = 64
+    seed: int = 0
+
+    def decoding(self) -> DecodingConfig:
+        return DecodingConfig(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            calculator=self.calculator,
+            batch_size=self.batch_size,
+        )
+
+    def request_params(self) -> dict:
+        """What changes a sample's text (batch size does not)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "calculator": self.calculator,
+        }
+
+
+def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
+    """A 63-bit seed for one sample's noise, independent of batching."""
+    return int(content_hash(seed, problem_id, sample_index), 16) & (2**63 - 1)
+
+
+def sample_rationales(
+    model,
+    tokenizer,
+    problems: list[dict],
+    config: SamplingConfig,
+    *,
+    model_id: str,
+    iteration: int,
+    show_progress: bool = True,
+) -> list[dict]:
+    """`config.n` samples for each problem, as `samples` rows (problem-major, then sample_index)."""
+    requests = [(p, index) for p in problems for index in range(config.n)]
+    prompts = [format_prompt(tokenizer, p["question"]) for p, _ in requests]
+    seeds = [row_seed(config.seed, p["problem_id"], index) for p, index in requests]
+    completions = generate(
+        model, tokenizer, prompts, seeds, config.decoding(), desc="sample", show_progress=show_progress
+    )
+    params = config.request_params()
+    rows = []
+    for (problem, index), completion in zip(requests, completions):
+        rows.append(
+            {
+                "sample_id": content_id(
+                    "sample", problem["problem_id"], model_id, GENERATOR, params, config.seed, index
+                ),
+                "problem_id": problem["problem_id"],
+                "iteration": iteration,
+                "model_id": model_id,
+                "generator": GENERATOR,
+                "parent_sample_id": None,
+                "prefix_steps": None,
+                "sample_index": index,
+                "seed": config.seed,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "max_new_tokens": config.max_new_tokens,
+                "calculator": config.calculator,
+                "text": completion.text,
+                "n_tokens": completion.n_tokens,
+                "finish_reason": completion.finish_reason,
+            }
+        )
+    return rows
