@@ -32,10 +32,12 @@ class WarmupConfig:
 
     base_model: str = TINY  # "tiny", a Hub id or a local model folder
     learning_rate: float = 2e-3
+    lr_schedule: str = "linear"  # decays to 0 at max_epochs: late epochs settle instead of jittering
     max_epochs: int = 20
     batch_size: int = 32
     warmup_steps: int = 50
     weight_decay: float = 0.0
+    completion_only_loss: bool = True  # False: also learn the question text (helps a model trained from scratch)
     patience: int = 2  # dev evaluations without improvement before stopping
     min_delta: float = 0.0  # an improvement must exceed this
     dev_split: str = "dev"
@@ -134,11 +136,11 @@ def main(
             num_train_epochs=config.max_epochs,
             per_device_train_batch_size=config.batch_size,
             learning_rate=config.learning_rate,
-            lr_scheduler_type="constant_with_warmup",
+            lr_scheduler_type=config.lr_schedule,
             warmup_steps=config.warmup_steps,
             weight_decay=config.weight_decay,
             max_length=tiny.max_length if config.base_model == TINY else 1024,
-            completion_only_loss=True,
+            completion_only_loss=config.completion_only_loss,
             logging_steps=max(1, steps_per_epoch // 4),
             seed=config.seed,
             data_seed=config.seed,
