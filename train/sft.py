@@ -39,6 +39,7 @@ class WarmupConfig:
     weight_decay: float = 0.0
     completion_only_loss: bool = True  # False: also learn the question text (helps a model trained from scratch)
     patience: int = 2  # dev evaluations without improvement before stopping
+    min_epochs: int = 1  # never stop before this: from-scratch models sit near 0% for several epochs
     min_delta: float = 0.0  # an improvement must exceed this
     dev_split: str = "dev"
     dev_max_new_tokens: int = 160
@@ -96,7 +97,7 @@ class _DevAccuracyStopper:
             self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.stale += 1
-            if self.stale >= self.config.patience:
+            if self.stale >= self.config.patience and epoch >= self.config.min_epochs:
                 control.should_training_stop = True
 
 
