@@ -35,7 +35,9 @@ def cmd_problems(args) -> None:
     arith = None
     record: dict = {"source": args.source, "split": args.split}
     if args.source == "arith":
-        params = _params(args)
+        # Outside a project (no params.yaml, none named), the task's defaults apply.
+        explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
+        params = _params(args) if explicit else {}
         arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
         record["arith"] = as_dict(arith)
     problems, dropped = load_source(args.source, split=args.split, arith_config=arith)

@@ -88,3 +88,12 @@ def test_label_errors_name_file_row_and_field(tmp_path, capsys):
 def test_unknown_source_is_a_clear_error(tmp_path, capsys):
     assert main(["problems", "csv:x.csv", "--out", str(tmp_path / "p.parquet")]) == 2
     assert "unknown kind 'csv'" in capsys.readouterr().err
+
+
+def test_arith_outside_a_project_uses_the_task_defaults(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["problems", "arith", "--split", "test", "--out", "test.parquet"]) == 0
+    rows = read_table(tmp_path / "test.parquet", "problems").to_pylist()
+    assert {row["split"] for row in rows} == {"test"} and all(row["gold_answer"] for row in rows)
+    assert main(["problems", "arith", "--out", "x.parquet", "--params", "missing.yaml"]) == 2
+    assert "missing.yaml: no such params file" in capsys.readouterr().err
