@@ -26,7 +26,8 @@ from factory.steps import step_index_at
 # Hypothesis deadline: a guard against hangs (e.g. 9**9**9 actually computed), not a speed target.
 HANG_GUARD_MS = 2000
 
-GSM8K_DIR = Path("/work/shared/data/gsm8k")
+# shared/ lies beside the repository, in development and in CI.
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 # --------------------------------------------------------------------------
 # Hand cases: values

@@ -15,7 +15,8 @@ from factory.steps import split_steps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE = FIXTURES / "gsm8k_sample.jsonl"
-REAL_GSM8K = Path("/work/shared/data/gsm8k")
+# shared/ lies beside the repository, in development and in CI.
+REAL_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
