@@ -8,11 +8,15 @@ any batch, on any run: what makes resuming and caching exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from factory.generators.decoding import DecodingConfig, generate
-from factory.ids import content_hash, content_id
-from factory.modeling import format_prompt
+from factory.ids import content_hash, content_id, file_fingerprint
+from factory.lineage import model_id as model_id_of
+from factory.lineage import read_table, write_table
+from factory.modeling import format_prompt, load_model
+from factory.schema import from_rows
+from factory.shards import clear_shards, run_in_shards, shard_dir_for
 
 GENERATOR = "hf"
 
@@ -29,6 +33,9 @@ class SamplingConfig:
     calculator: bool = True
     batch_size: int = 64
     seed: int = 0
+    split: str = "answers"  # the pool sampled by `factory sample`
+    limit: int = 0  # sample only the first `limit` problems of the split (0: all)
+    shard_size: int = 64  # problems per checkpointed shard
 
     def decoding(self) -> DecodingConfig:
         return DecodingConfig(
@@ -99,3 +106,41 @@ def sample_rationales(
             }
         )
     return rows
+
+
+def sample_to_file(
+    *, model_dir: str, problems_path: str, out: str, config: SamplingConfig, iteration: int
+) -> int:
+    """The `sample` stage: N rationales per problem of `config.split`, checkpointed in shards.
+
+    Killed and restarted with the same inputs and params, it resumes from the
+    finished shards and writes exactly the bytes an uninterrupted run writes.
+    Returns the number of rows written.
+    """
+    problems = [p for p in read_table(problems_path, "problems").to_pylist() if p["split"] == config.split]
+    if not problems:
+        raise ValueError(f"{problems_path}: no problems in split {config.split!r}")
+    if config.limit:
+        problems = problems[: config.limit]
+    mid = model_id_of(model_dir)
+    # Batch and shard sizes change no row; the shard size still keys the checkpoints it cut.
+    params = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "shard_size")}
+    fingerprint = content_hash(mid, file_fingerprint(problems_path), params, iteration, config.shard_size)
+    model, tokenizer = load_model(model_dir)
+
+    def work(shard: list[dict]) -> list[dict]:
+        return sample_rationales(
+            model, tokenizer, shard, config, model_id=mid, iteration=iteration, show_progress=False
+        )
+
+    shard_dir = shard_dir_for(out)
+    rows = run_in_shards(
+        problems, work, shard_size=config.shard_size, shard_dir=shard_dir,
+        fingerprint=fingerprint, kind="samples", desc="sample",
+    )
+    write_table(
+        from_rows(rows, "samples", source=out), out, kind="samples", stage="sample", params=params,
+        inputs={"problems": problems_path}, model_id=mid,
+    )
+    clear_shards(shard_dir)
+    return len(rows)
