@@ -1,0 +1,92 @@
+"""Filters drop sample rows with a recorded reason: final answer, length, near-duplicates.
+
+`run_filters` joins samples to their labels, applies the filters of
+`build_filters(config)` in order (each sees only what the previous kept) and
+returns the kept samples, the dropped rows with filter and reason, and counts
+that always reconcile: input = kept + every drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from factory.filters.base import Filter, FilterResult, GroupFilter, reason_kind
+from factory.filters.rules import FinalAnswerFilter, LengthFilter, NearDuplicateFilter
+from factory.schema import DROPPED, SAMPLES, validate
+
+__all__ = [
+    "Filter", "FilterConfig", "FilterResult", "FinalAnswerFilter", "GroupFilter", "LengthFilter",
+    "NearDuplicateFilter", "build_filters", "join_labels", "reason_kind", "run_filters",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """Thresholds of the sample filters (params.yaml `filter`)."""
+
+    min_steps: int = 1  # drop rationales with fewer steps before `#### N`
+    max_tokens: int = 256  # drop rationales longer than this many generated tokens
+    dedup_threshold: float = 0.7  # drop a sample whose Jaccard similarity to a kept one exceeds this (DPO-ST)
+
+    def __post_init__(self):
+        build_filters(self)  # the filters check their own thresholds; a bad value fails here, by name
+
+
+def build_filters(config: FilterConfig) -> list[Filter]:
+    """The filters in the order they run: format, then length, then near-duplicates."""
+    return [
+        FinalAnswerFilter(),
+        LengthFilter(min_steps=config.min_steps, max_tokens=config.max_tokens),
+        NearDuplicateFilter(threshold=config.dedup_threshold),
+    ]
+
+
+def join_labels(samples: list[dict], labels: list[dict], *, samples_source: str = "<samples>",
+                labels_source: str = "<labels>") -> list[dict]:
+    """Each sample row with its label's columns added (the sample's own columns win on a clash)."""
+    by_id: dict[str, dict] = {}
+    for index, label in enumerate(labels):
+        if label["sample_id"] in by_id:
+            raise ValueError(f"{labels_source}: row {index}: sample_id {label['sample_id']!r} is labelled twice")
+        by_id[label["sample_id"]] = label
+    rows = []
+    for index, sample in enumerate(samples):
+        label = by_id.get(sample["sample_id"])
+        if label is None:
+            raise ValueError(
+                f"{samples_source}: row {index}: sample_id {sample['sample_id']!r} has no label in {labels_source}"
+            )
+        if label["problem_id"] != sample["problem_id"]:
+            raise ValueError(
+                f"{samples_source}: row {index}: sample_id {sample['sample_id']!r} has problem_id "
+                f"{sample['problem_id']!r} but its label in {labels_source} has {label['problem_id']!r}"
+            )
+        rows.append(sample | {k: v for k, v in label.items() if k not in sample})
+    return rows
+
+
+def run_filters(samples: pa.Table, labels: pa.Table, config: FilterConfig, *, samples_source: str = "<samples>",
+                labels_source: str = "<labels>") -> tuple[pa.Table, pa.Table, dict]:
+    """(kept samples, dropped rows, counts); kept rows keep their input order and only the samples columns.
+
+    counts = {"input": n, "kept": k, "dropped": {filter name: {reason kind: count}}}.
+    """
+    samples = validate(samples, "samples", source=samples_source)
+    labels = validate(labels, "labels", source=labels_source)
+    rows = join_labels(samples.to_pylist(), labels.to_pylist(), samples_source=samples_source,
+                       labels_source=labels_source)
+    dropped: list[dict] = []
+    per_filter: dict[str, dict[str, int]] = {}
+    for rule in build_filters(config):
+        result = rule.apply(rows)
+        rows = result.kept
+        dropped += result.dropped
+        per_filter[rule.name] = result.counts["dropped"]
+    counts = {"input": samples.num_rows, "kept": len(rows), "dropped": per_filter}
+    total_dropped = sum(n for kinds in per_filter.values() for n in kinds.values())
+    if counts["input"] != counts["kept"] + total_dropped or total_dropped != len(dropped):
+        raise AssertionError(f"filter counts do not reconcile: {counts} ({len(dropped)} dropped rows)")
+    kept = pa.Table.from_pylist(rows, schema=SAMPLES)
+    return kept, pa.Table.from_pylist(dropped, schema=DROPPED), counts
