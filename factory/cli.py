@@ -165,6 +165,96 @@ def cmd_label(args) -> None:
     print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
 
 
+def cmd_filter(args) -> None:
+    """Drop samples that fail the filters (final answer, length, near-duplicates), keeping each with its reason.
+
+    Reads params `filter` when the params file exists or is named; otherwise the defaults apply.
+    Example: factory filter data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --out data/iter_1/kept.parquet --dropped data/iter_1/dropped.parquet --counts metrics/iter_1_filter.json
+    """
+    from factory.filters import FilterConfig, run_filters
+    from factory.io import read_rows_table, write_json
+    from factory.lineage import write_table
+    from factory.params import as_dict, section
+
+    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
+    config = section(_params(args) if explicit else {}, "filter", FilterConfig, path=args.params)
+    samples = read_rows_table(args.samples)
+    kept, dropped, counts = run_filters(samples, read_rows_table(args.labels), config,
+                                        samples_source=str(args.samples), labels_source=str(args.labels))
+    models = set(kept.column("model_id").to_pylist())
+    record, inputs = {"filter": as_dict(config)}, {"samples": args.samples, "labels": args.labels}
+    write_table(kept, args.out, kind="samples", stage="filter", params=record, inputs=inputs,
+                model_id=models.pop() if len(models) == 1 else None)
+    write_table(dropped, args.dropped, kind="dropped", stage="filter", params=record, inputs=inputs)
+    if args.counts:
+        write_json(args.counts, counts)
+    reasons = "; ".join(f"{name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+                        for name, kinds in counts["dropped"].items() if kinds)
+    print(f"{args.out}: kept {counts['kept']} of {counts['input']} samples; "
+          f"{counts['input'] - counts['kept']} dropped -> {args.dropped}" + (f" ({reasons})" if reasons else ""))
+
+
+def cmd_sample(args) -> None:
+    """Sample N rationales per problem from a model, with the calculator, in resumable shards.
+
+    Params come from the `sample` section (n, temperature, split, limit, ...).
+    Example: factory sample --model models/iter_0 --problems data/problems.parquet --iteration 1 --out data/iter_1/samples.parquet
+    """
+    from factory.generators.sampling import SamplingConfig, sample_to_file
+    from factory.params import section
+
+    config = section(_params(args), "sample", SamplingConfig, path=args.params)
+    rows = sample_to_file(model_dir=args.model, problems_path=args.problems, out=args.out, config=config,
+                          iteration=args.iteration)
+    print(f"{args.out}: {rows} samples ({config.n} per problem of split {config.split!r})")
+
+
+def cmd_pairs(args) -> None:
+    """Make preference pairs (TRL's prompt/chosen/rejected format) from labelled samples.
+
+    Reads params `pairs` when the params file exists or is named; --recipe overrides it.
+    Example: factory pairs --recipe dpo_st --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --model models/iter_0 --iteration 1 --out data/iter_1/pairs.parquet
+    """
+    from factory.ids import content_hash
+    from factory.io import read_rows_table, write_json
+    from factory.lineage import read_table, write_table
+    from factory.pairs import PairsConfig, check_inputs, make_pairs, with_recipe
+    from factory.params import as_dict, section
+    from factory.schema import from_rows
+
+    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
+    config = with_recipe(section(_params(args) if explicit else {}, "pairs", PairsConfig, path=args.params),
+                         args.recipe)
+    problems = read_table(args.problems, "problems").to_pylist()
+    samples = read_rows_table(args.samples).to_pylist()
+    for row, sample in enumerate(samples):
+        for field in ("sample_id", "problem_id", "text"):
+            if not isinstance(sample.get(field), str):
+                raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {sample.get(field)!r}")
+    labels = read_table(args.labels, "labels").to_pylist()
+    check_inputs(problems, samples, labels, sources={"samples": str(args.samples), "labels": str(args.labels)})
+
+    from transformers import AutoTokenizer
+
+    from factory.modeling import format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompt_for = lambda question: format_prompt(tokenizer, question)  # noqa: E731
+    rows, summary = make_pairs(problems, samples, labels, prompt_for=prompt_for, iteration=args.iteration,
+                               config=config)
+    # The prompt format is part of what made the rows: record it (not the whole model's weights).
+    record = {"pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
+              "prompt_format": content_hash(prompt_for("{question}"))}
+    write_table(from_rows(rows, "pairs", source=str(args.out)), args.out, kind="pairs", stage="pairs",
+                params=record, inputs={"problems": args.problems, "samples": args.samples, "labels": args.labels},
+                model_id=None)
+    if args.summary:
+        write_json(args.summary, summary)
+    skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items())
+    print(f"{args.out}: {summary['pairs']} {config.recipe} pairs from {summary['problems_with_pairs']} of "
+          f"{summary['problems_seen']} problems (skipped: {skipped})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -197,10 +287,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=0, help="iteration recorded with the predictions")
     p.add_argument("--params", default=DEFAULT_PARAMS)
 
+    p = command("sample", cmd_sample, "sample rationales per problem, checkpointed in shards")
+    p.add_argument("--model", required=True, help="model folder or Hub id to sample from")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--iteration", type=int, required=True, help="iteration recorded on every row")
+    p.add_argument("--out", required=True, help="samples Parquet to write")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+
     p = command("label", cmd_label, "label samples against gold and the calculator")
     p.add_argument("samples", help="samples Parquet or JSONL (problem_id, text, optional sample_id)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--out", required=True, help="labels Parquet to write")
+
+    p = command("filter", cmd_filter, "drop samples that fail the filters, keeping each with its reason")
+    p.add_argument("samples", help="samples Parquet (or JSONL with every samples column)")
+    p.add_argument("--labels", required=True, help="labels Parquet covering every sample")
+    p.add_argument("--out", required=True, help="kept samples Parquet to write")
+    p.add_argument("--dropped", required=True, help="dropped rows Parquet to write (filter and reason per row)")
+    p.add_argument("--counts", help="also write the counts (input, kept, dropped per filter and reason) as JSON")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `filter` section)")
+
+    p = command("pairs", cmd_pairs, "make preference pairs from labelled samples")
+    p.add_argument("--recipe", help="pairing recipe (default: params pairs.recipe, else dpo_st)")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--samples", required=True, help="samples Parquet or JSONL (after filtering)")
+    p.add_argument("--labels", required=True, help="labels Parquet covering every sample")
+    p.add_argument("--model", required=True, help="model folder or Hub id whose tokenizer formats prompts")
+    p.add_argument("--iteration", type=int, required=True, help="iteration recorded on every pair")
+    p.add_argument("--out", required=True, help="pairs Parquet to write")
+    p.add_argument("--summary", help="also write the pair counts and skip reasons as JSON")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
     return parser
 
 
