@@ -83,6 +83,29 @@ def cmd_warmup(args) -> None:
           f"at epoch {summary['best_epoch']}")
 
 
+def cmd_dpo(args) -> None:
+    """Train a model with DPO (+ NLL on chosen) on preference pairs, from the previous model.
+
+    Reads params `dpo` when the params file exists or is named; otherwise the defaults apply.
+    Example: factory dpo --pairs data/iter_1/pairs.parquet --model models/iter_0 --out models/iter_1_dpo
+    """
+    from factory.lineage import model_id, read_table, write_model_lineage
+    from factory.params import as_dict, section
+    from train.dpo import DPOTrainConfig, main
+
+    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
+    config = section(_params(args) if explicit else {}, "dpo", DPOTrainConfig, path=args.params)
+    pairs = read_table(args.pairs, "pairs").to_pylist()
+    parent = model_id(args.model)
+    summary = main(pairs=pairs, model_dir=args.model, out_dir=args.out, config=config)
+    metrics = {k: summary[k] for k in ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")}
+    record = write_model_lineage(args.out, stage="dpo", parent=parent, data={"pairs": args.pairs},
+                                 params={"dpo": as_dict(config)}, metrics=metrics)
+    accuracy = "n/a" if summary["reward_accuracy"] is None else f"{summary['reward_accuracy']:.3f}"
+    print(f"{args.out}: model {record['model_id']} from {parent}, {summary['pairs']} pairs, {summary['steps']} "
+          f"steps, final loss {summary['train_loss']}, reward accuracy {accuracy}")
+
+
 def cmd_eval(args) -> None:
     """Greedy accuracy per split, decoded with the calculator, as DVC metrics JSON.
 
@@ -277,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--curve", help="write the dev-accuracy curve as JSON (for dvc plots)")
     p.add_argument("--params", default=DEFAULT_PARAMS)
+
+    p = command("dpo", cmd_dpo, "train with DPO (+ NLL) on preference pairs from the previous model")
+    p.add_argument("--pairs", required=True, help="pairs Parquet (prompt, chosen, rejected)")
+    p.add_argument("--model", required=True, help="previous model folder: the starting policy and the reference")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
     p = command("eval", cmd_eval, "greedy accuracy per split, as DVC metrics")
     p.add_argument("--model", required=True, help="model folder or Hub id")

@@ -1,0 +1,108 @@
+"""DPO smoke tests: a real TRL run on a tiny model and 8 hand-made pairs, library and CLI."""
+
+import json
+
+import pytest
+
+from factory.cli import main as cli
+from factory.lineage import model_id, write_table
+from factory.modeling import TinyModelConfig, build_tiny_model, format_prompt, load_model, train_tokenizer
+from factory.schema import from_rows
+from train.dpo import DPOTrainConfig, main
+
+pytestmark = pytest.mark.slow
+
+TINY = TinyModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+# Large steps so 2 epochs on 8 pairs move a random model measurably; the defaults are for real runs.
+FAST = DPOTrainConfig(learning_rate=3e-3, epochs=2, batch_size=4, warmup_steps=0)
+
+
+def question(a: int) -> str:
+    return f"Mia has {a} marbles. She buys 7 more. How many marbles does Mia have?"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A saved, untrained tiny model (folder) and its tokenizer."""
+    texts = [f"{question(a)}\nMia has {a}+7=<<{a}+7={a + 7}>>{a + 7} marbles.\n#### {a + 7}" for a in range(20)]
+    tokenizer = train_tokenizer(texts, TINY.vocab_size)
+    folder = tmp_path_factory.mktemp("base")
+    build_tiny_model(tokenizer, TINY).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+@pytest.fixture(scope="module")
+def pairs(base):
+    _, tokenizer = base
+    return [
+        {
+            "prompt": format_prompt(tokenizer, question(a)),
+            "chosen": f"Mia has {a}+7=<<{a}+7={a + 7}>>{a + 7} marbles.\n#### {a + 7}",
+            "rejected": f"Mia has {a}*7=<<{a}*7={a * 7}>>{a * 7} marbles.\n#### {a * 7}",
+        }
+        for a in range(2, 10)
+    ]
+
+
+def completion_logps(model, tokenizer, prompt: str, completion: str) -> float:
+    """Summed log-prob of `completion` (+ EOS, as TRL trains it) after `prompt`."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids  # the prompt ends on a token boundary
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]  # (T-1, V): position t predicts token t+1
+    logps = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return logps[len(prompt_ids) - 1 :].sum().item()
+
+
+def mean_margin(model_dir, pairs) -> float:
+    """Mean over pairs of log p(chosen) - log p(rejected) under the model in `model_dir`."""
+    model, tokenizer = load_model(model_dir)
+    margins = [completion_logps(model, tokenizer, p["prompt"], p["chosen"])
+               - completion_logps(model, tokenizer, p["prompt"], p["rejected"]) for p in pairs]
+    return sum(margins) / len(margins)
+
+
+def test_dpo_trains_every_parameter_and_prefers_chosen(base, pairs, tmp_path):
+    import torch
+
+    folder, _ = base
+    summary = main(pairs=pairs, model_dir=folder, out_dir=tmp_path / "dpo", config=FAST)
+    assert [e["loss"] for e in summary["log_history"] if "loss" in e]
+    assert summary["train_loss"] is not None and summary["pairs"] == 8 and summary["steps"] == 4
+    assert summary["reward_accuracy"] is not None and summary["config"]["beta"] == 0.1
+
+    before, _ = load_model(folder)
+    after, _ = load_model(tmp_path / "dpo")  # the saved model loads
+    unchanged = [name for name, p in after.named_parameters() if torch.equal(p, before.state_dict()[name])]
+    assert unchanged == []
+    # What DPO must do: raise the chosen completions' log-prob over the rejected ones'.
+    start, end = mean_margin(folder, pairs), mean_margin(tmp_path / "dpo", pairs)
+    assert end > start + 1.0, (start, end)
+
+
+def test_empty_pairs_are_refused(base, tmp_path):
+    with pytest.raises(ValueError, match="needs preference pairs; got none"):
+        main(pairs=[], model_dir=base[0], out_dir=tmp_path / "dpo", config=FAST)
+
+
+def test_cli_dpo_writes_lineage_with_the_base_model_as_parent(base, pairs, tmp_path, capsys):
+    folder, _ = base
+    rows = [{**p, "pair_id": f"pair-{i}", "problem_id": f"p-{i}", "iteration": 1, "recipe": "dpo_st",
+             "chosen_sample_id": None, "rejected_sample_id": f"s-{i}", "weight": 1.0} for i, p in enumerate(pairs)]
+    pairs_path = tmp_path / "pairs.parquet"
+    write_table(from_rows(rows, "pairs"), pairs_path, kind="pairs", stage="pairs")
+    params = tmp_path / "params.yaml"
+    params.write_text("dpo:\n  epochs: 1\n  batch_size: 8\n  warmup_steps: 0\n")
+    out = tmp_path / "iter_1_dpo"
+    assert cli(["dpo", "--pairs", str(pairs_path), "--model", str(folder), "--out", str(out),
+                "--params", str(params)]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["stage"] == "dpo" and lineage["parent"] == model_id(folder)
+    assert lineage["model_id"] == model_id(out) != lineage["parent"]
+    assert lineage["params"]["dpo"]["epochs"] == 1 and lineage["metrics"]["pairs"] == 8
+    assert list(lineage["data"]) == ["pairs"]
+    assert f"{out}: model {lineage['model_id']}" in capsys.readouterr().out
