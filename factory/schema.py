@@ -162,21 +162,30 @@ def validate(table: pa.Table, kind: str, *, source: str = "<table>") -> pa.Table
 
 
 def from_rows(rows: list[dict], kind: str, *, source: str = "<rows>") -> pa.Table:
-    """Build and validate a table of `kind` from Python dicts (declared columns only)."""
+    """Build and validate a table of `kind` from Python dicts (declared columns only).
+
+    Arrow converts whole columns at once; only when a column fails is it
+    scanned for the row to name in the error.
+    """
     schema = schema_for(kind)
-    for index, row in enumerate(rows):
-        missing = [f.name for f in schema if not f.nullable and row.get(f.name) is None]
-        if missing:
-            raise SchemaError(f"{source}: row {index}: required field {missing[0]!r} is missing or null")
     data = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    columns = []
     for field in schema:
-        for index, value in enumerate(data[field.name]):
-            if value is None:
-                continue
-            try:
-                pa.array([value], type=field.type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                raise SchemaError(
-                    f"{source}: row {index} field {field.name!r}: expected {field.type}, got {value!r}"
-                ) from None
-    return pa.table(data, schema=schema)
+        try:
+            columns.append(pa.array(data[field.name], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            for index, value in enumerate(data[field.name]):
+                try:
+                    pa.array([value], type=field.type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    raise SchemaError(
+                        f"{source}: row {index} field {field.name!r}: expected {field.type}, got {value!r}"
+                    ) from None
+            raise
+    loose = pa.schema([f.with_nullable(True) for f in schema])
+    table = pa.Table.from_arrays(columns, schema=loose)
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            row = pc.index(pc.is_null(table.column(field.name)), True).as_py()
+            raise SchemaError(f"{source}: row {row}: required field {field.name!r} is missing or null")
+    return table.cast(schema)
