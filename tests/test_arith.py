@@ -28,10 +28,7 @@ from factory.problems.arith import (
 from factory.schema import from_rows
 from factory.steps import split_steps
 
-try:  # written in parallel; used when present
-    from factory.calculator import check_annotations
-except ImportError:  # pragma: no cover
-    check_annotations = None
+from factory.calculator import check_annotations
 
 SIZES = {"train": 200, "dev": 20, "answers": 40, "unlabeled": 40, "test": 60, "test_ood": 60}
 CONFIG = ArithConfig(seed=3, sizes=SIZES)
@@ -88,9 +85,8 @@ def check_rationale(rationale: str, answer: str, lo: int, hi: int) -> list[str]:
         assert line.replace("$", "").find(f"{lhs}=<<{lhs}=") >= 0, line
         lhs_all.append(lhs)
     assert safe_eval(lhs_all[-1]) == int(answer)
-    if check_annotations is not None:
-        result = check_annotations(rationale)
-        assert result.total == len(steps) and result.wrong == 0 and result.invalid == 0, rationale
+    result = check_annotations(rationale)
+    assert result.total == len(steps) and result.wrong == 0 and result.invalid == 0, rationale
     return lhs_all
 
 

@@ -92,12 +92,14 @@ def test_greedy_decoding_matches_hf_generate(tiny_model):
 
 
 def test_length_limit_is_reported(tiny_model):
-    model, tokenizer = tiny_model
-    [completion] = generate(model, tokenizer, ["Q"], [0], DecodingConfig(max_new_tokens=5, stop_at_final_answer=False),
-                            show_progress=False)
-    assert completion.n_tokens <= 5
-    if completion.n_tokens == 5:
-        assert completion.finish_reason == "length"
+    _, tokenizer = tiny_model
+    script = "a long rationale that goes on and on without an answer"
+    [cut] = generate(ScriptedLM(tokenizer, [script]), tokenizer, ["Q"], [0],
+                     DecodingConfig(max_new_tokens=5, stop_at_final_answer=False), show_progress=False)
+    assert (cut.n_tokens, cut.finish_reason) == (5, "length")
+    [whole] = generate(ScriptedLM(tokenizer, [script]), tokenizer, ["Q"], [0],
+                       DecodingConfig(max_new_tokens=200, stop_at_final_answer=False), show_progress=False)
+    assert (whole.text, whole.finish_reason) == (script, "stop")
 
 
 def test_prompts_and_seeds_must_align(tiny_model):
