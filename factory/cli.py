@@ -114,7 +114,6 @@ def cmd_eval(args) -> None:
     import pyarrow as pa
 
     from factory.evaluate import EvalConfig, evaluate, select_problems
-    from factory.ids import content_id
     from factory.io import write_json
     from factory.lineage import model_id, read_table, write_table
     from factory.modeling import load_model
@@ -130,23 +129,7 @@ def cmd_eval(args) -> None:
     write_json(args.out, metrics)
     if args.predictions:
         mid = model_id(args.model)
-        decoding = config.decoding()
-        rows = [
-            {
-                **p,
-                "sample_id": content_id("sample", p["problem_id"], mid, "eval-greedy", 0),
-                "iteration": args.iteration,
-                "model_id": mid,
-                "generator": "eval-greedy",
-                "sample_index": 0,
-                "seed": 0,
-                "temperature": 0.0,
-                "top_p": 1.0,
-                "max_new_tokens": decoding.max_new_tokens,
-                "calculator": decoding.calculator,
-            }
-            for p in evaluation.predictions
-        ]
+        rows = evaluation.sample_rows(model_id=mid, config=config, iteration=args.iteration)
         write_table(pa.Table.from_pylist(rows), args.predictions, kind="samples", stage="eval",
                     params=as_dict(config), inputs={"problems": args.problems}, model_id=mid)
     for split, m in metrics.items():

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from factory.answers import answer_status, extract_answer
 from factory.generators.decoding import DecodingConfig, generate
+from factory.ids import content_id
 from factory.modeling import format_prompt
 
 EVAL_SEED = 0  # greedy decoding draws no noise; recorded for the samples table
+GENERATOR = "eval-greedy"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,25 @@ class Evaluation:
 
     def metrics(self) -> dict:
         return {split: score.as_metrics() for split, score in sorted(self.scores.items())}
+
+    def sample_rows(self, *, model_id: str, config: EvalConfig, iteration: int) -> list[dict]:
+        """The predictions as `samples` rows (plus split, answer, answer_status), traceable like any sample."""
+        return [
+            {
+                **prediction,
+                "sample_id": content_id("sample", prediction["problem_id"], model_id, GENERATOR, EVAL_SEED),
+                "iteration": iteration,
+                "model_id": model_id,
+                "generator": GENERATOR,
+                "sample_index": 0,
+                "seed": EVAL_SEED,
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_new_tokens": config.max_new_tokens,
+                "calculator": config.calculator,
+            }
+            for prediction in self.predictions
+        ]
 
 
 def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> Evaluation:
