@@ -60,6 +60,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def _column(path: Path, name: str, values: list) -> pa.Array:
+    """One JSONL field as an Arrow column; a value whose type disagrees with the rest is named."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        first = next(v for v in values if v is not None)
+        for row, value in enumerate(values):
+            if value is not None and type(value) is not type(first):
+                raise InputError(
+                    f"{path}: row {row} field {name!r}: got {value!r} ({type(value).__name__}), "
+                    f"but earlier rows have {type(first).__name__}"
+                ) from None
+        raise InputError(f"{path}: field {name!r}: values cannot form one column") from None
+
+
 def read_rows_table(path: str | Path) -> pa.Table:
     """A Parquet file, or a JSONL file as a table (columns from the union of keys)."""
     path = Path(path)
@@ -68,7 +83,7 @@ def read_rows_table(path: str | Path) -> pa.Table:
     if path.suffix in {".jsonl", ".json", ".ndjson"}:
         rows = read_jsonl(path)
         names = list(dict.fromkeys(key for row in rows for key in row))
-        return pa.table({name: [row.get(name) for row in rows] for name in names})
+        return pa.table({name: _column(path, name, [row.get(name) for row in rows]) for name in names})
     import pyarrow.parquet as pq
 
     try:

@@ -97,3 +97,12 @@ def test_arith_outside_a_project_uses_the_task_defaults(tmp_path, monkeypatch, c
     assert {row["split"] for row in rows} == {"test"} and all(row["gold_answer"] for row in rows)
     assert main(["problems", "arith", "--out", "x.parquet", "--params", "missing.yaml"]) == 2
     assert "missing.yaml: no such params file" in capsys.readouterr().err
+
+
+def test_a_jsonl_field_of_mixed_types_is_named(tmp_path, capsys):
+    problems = tmp_path / "problems.parquet"
+    main(["problems", f"gsm8k:{FIXTURE}", "--out", str(problems)])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"problem_id": "p-1", "text": "a"}\n{"problem_id": ["p-2"], "text": "b"}\n')
+    assert main(["label", str(mixed), "--problems", str(problems), "--out", str(tmp_path / "l.parquet")]) == 2
+    assert "mixed.jsonl: row 1 field 'problem_id': got ['p-2'] (list)" in capsys.readouterr().err
