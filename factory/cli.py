@@ -14,9 +14,12 @@ from pathlib import Path
 from factory.params import DEFAULT_PARAMS
 
 
-def _params(args):
+def _params(args) -> dict:
+    """The params file's contents; outside a project (no params.yaml, none named) every default applies."""
     from factory.params import load_params
 
+    if args.params == DEFAULT_PARAMS and not Path(args.params).exists():
+        return {}
     return load_params(args.params)
 
 
@@ -35,9 +38,7 @@ def cmd_problems(args) -> None:
     arith = None
     record: dict = {"source": args.source, "split": args.split}
     if args.source == "arith":
-        # Outside a project (no params.yaml, none named), the task's defaults apply.
-        explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
-        params = _params(args) if explicit else {}
+        params = _params(args)
         arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
         record["arith"] = as_dict(arith)
     problems, dropped = load_source(args.source, split=args.split, arith_config=arith)
@@ -93,8 +94,7 @@ def cmd_dpo(args) -> None:
     from factory.params import as_dict, section
     from train.dpo import DPOTrainConfig, main
 
-    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
-    config = section(_params(args) if explicit else {}, "dpo", DPOTrainConfig, path=args.params)
+    config = section(_params(args), "dpo", DPOTrainConfig, path=args.params)
     pairs = read_table(args.pairs, "pairs").to_pylist()
     parent = model_id(args.model)
     summary = main(pairs=pairs, model_dir=args.model, out_dir=args.out, config=config)
@@ -182,8 +182,7 @@ def cmd_filter(args) -> None:
     from factory.lineage import write_table
     from factory.params import as_dict, section
 
-    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
-    config = section(_params(args) if explicit else {}, "filter", FilterConfig, path=args.params)
+    config = section(_params(args), "filter", FilterConfig, path=args.params)
     samples = read_rows_table(args.samples)
     kept, dropped, counts = run_filters(samples, read_rows_table(args.labels), config,
                                         samples_source=str(args.samples), labels_source=str(args.labels))
@@ -228,8 +227,7 @@ def cmd_pairs(args) -> None:
     from factory.params import as_dict, section
     from factory.schema import from_rows
 
-    explicit = args.params != DEFAULT_PARAMS or Path(args.params).exists()
-    config = with_recipe(section(_params(args) if explicit else {}, "pairs", PairsConfig, path=args.params),
+    config = with_recipe(section(_params(args), "pairs", PairsConfig, path=args.params),
                          args.recipe)
     problems = read_table(args.problems, "problems").to_pylist()
     samples = read_rows_table(args.samples).to_pylist()
