@@ -8,7 +8,7 @@ any batch, on any run: what makes resuming and caching exact.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
@@ -22,40 +22,19 @@ GENERATOR = "hf"
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How many rationales to draw per problem, and how (params.yaml `sample`)."""
+class SamplingConfig(DecodingConfig):
+    """How many rationales to draw per problem, and how (params.yaml `sample`): decoding plus the run."""
 
+    temperature: float = 0.7  # DPO-ST samples at T=0.7
     n: int = 5
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    calculator: bool = True
-    batch_size: int = 64
     seed: int = 0
     split: str = "answers"  # the pool sampled by `factory sample`
     limit: int = 0  # sample only the first `limit` problems of the split (0: all)
     shard_size: int = 64  # problems per checkpointed shard
 
-    def decoding(self) -> DecodingConfig:
-        return DecodingConfig(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            calculator=self.calculator,
-            batch_size=self.batch_size,
-        )
-
     def request_params(self) -> dict:
-        """What changes a sample's text (batch size does not)."""
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_new_tokens": self.max_new_tokens,
-            "calculator": self.calculator,
-        }
+        """The decoding settings that change a sample's text (batch size does not)."""
+        return {f.name: getattr(self, f.name) for f in fields(DecodingConfig) if f.name != "batch_size"}
 
 
 def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
@@ -78,7 +57,7 @@ def sample_rationales(
     prompts = [format_prompt(tokenizer, p["question"]) for p, _ in requests]
     seeds = [row_seed(config.seed, p["problem_id"], index) for p, index in requests]
     completions = generate(
-        model, tokenizer, prompts, seeds, config.decoding(), desc="sample", show_progress=show_progress
+        model, tokenizer, prompts, seeds, config, desc="sample", show_progress=show_progress
     )
     params = config.request_params()
     rows = []
