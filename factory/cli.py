@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from factory.params import DEFAULT_PARAMS
 
 
 def _params(args) -> dict:
-    """The params file's contents; outside a project (no params.yaml, none named) every default applies."""
-    from factory.params import load_params
+    """The params file's contents; outside a project (no params.yaml, none named) every default applies.
+
+    A command run for iteration K (`--iteration K`) sees the sections of params
+    `iterations.K` merged over the top-level ones: per-iteration knobs.
+    """
+    from factory.params import load_params, with_iteration
 
     if args.params == DEFAULT_PARAMS and not Path(args.params).exists():
         return {}
-    return load_params(args.params)
+    params = load_params(args.params)
+    iteration = getattr(args, "iteration", None)
+    return params if iteration is None else with_iteration(params, iteration, path=args.params)
 
 
 def cmd_problems(args) -> None:
@@ -56,32 +63,84 @@ def cmd_problems(args) -> None:
           f"{len(dropped)} dropped -> {dropped_path}")
 
 
-def cmd_warmup(args) -> None:
-    """Train the warm-up model (SFT on gold rationales) with early stopping on dev accuracy.
+def cmd_base(args) -> None:
+    """Save the base model: the tiny model built from scratch on the task, or a Hub id / local model.
 
-    Example: factory warmup --problems data/problems.parquet --out models/iter_0
+    The warm-up and every self-training step start from it (params: warmup.base_model, model).
+    Example: factory base --problems data/problems.parquet --out models/base
     """
-    from factory.io import write_json
     from factory.lineage import read_table, write_model_lineage
     from factory.modeling import TinyModelConfig
-    from factory.params import section
-    from train.sft import WarmupConfig, main
+    from factory.params import as_dict, section
+    from train.sft import WarmupConfig, build_base
 
     params = _params(args)
     config = section(params, "warmup", WarmupConfig, path=args.params)
     tiny = section(params, "model", TinyModelConfig, path=args.params)
     problems = read_table(args.problems, "problems").to_pylist()
-    summary = main(problems=problems, out_dir=args.out, config=config, tiny=tiny)
+    summary = build_base(problems=problems, base_model=config.base_model, tiny=tiny, out_dir=args.out)
     record = write_model_lineage(
-        args.out, stage="warmup", parent=None if config.base_model == "tiny" else config.base_model,
-        data={"problems": args.problems},
-        params={"warmup": params.get("warmup", {}), "model": params.get("model", {})},
-        metrics={k: summary[k] for k in ("best_epoch", "dev_accuracy", "parameters", "train_problems")},
+        args.out, stage="base", parent=None if config.base_model == "tiny" else config.base_model,
+        data={"problems": args.problems}, params={"base_model": config.base_model, "model": as_dict(tiny)},
+        metrics=summary,
+    )
+    print(f"{args.out}: base model {record['model_id']} ({summary['parameters'] / 1e6:.2f}M parameters, "
+          f"vocabulary {summary['vocab_size']})")
+
+
+def cmd_warmup(args) -> None:
+    """Train the warm-up model (SFT from the base on gold rationales) with early stopping on dev accuracy.
+
+    Example: factory warmup --problems data/problems.parquet --base models/base --out models/iter_0
+    """
+    from factory.io import write_json
+    from factory.lineage import model_id, read_table, write_model_lineage
+    from factory.params import as_dict, section
+    from train.sft import WarmupConfig, main
+
+    config = section(_params(args), "warmup", WarmupConfig, path=args.params)
+    problems = read_table(args.problems, "problems").to_pylist()
+    summary = main(problems=problems, base_dir=args.base, out_dir=args.out, config=config)
+    record = write_model_lineage(
+        args.out, stage="warmup", parent=model_id(args.base), data={"problems": args.problems},
+        params={"warmup": as_dict(config)},
+        metrics={k: summary[k] for k in ("best_epoch", "dev_accuracy", "parameters", "train_problems", "steps")},
     )
     if args.curve:
         write_json(args.curve, summary["curve"])
     print(f"{args.out}: model {record['model_id']}, dev accuracy {summary['dev_accuracy']:.3f} "
           f"at epoch {summary['best_epoch']}")
+
+
+def cmd_train(args) -> None:
+    """One iteration's training step for a recipe: dpo_st, self_train or sft (the gold-only control).
+
+    Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo` and `self_train`.
+    Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
+    """
+    from factory.filters import FilterConfig
+    from factory.generators.sampling import SamplingConfig
+    from factory.io import write_json
+    from factory.params import section
+    from train.dpo import DPOTrainConfig
+    from train.iteration import SelfTrainConfig, check_recipe, train_iteration
+
+    params = _params(args)
+    recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
+    summary = train_iteration(
+        recipe=recipe, iteration=args.iteration, problems_path=args.problems, prev_dir=args.prev,
+        base_dir=args.base, pairs_path=args.pairs, samples_path=args.samples, labels_path=args.labels,
+        work=args.work, out_dir=args.out,
+        sampling=section(params, "sample", SamplingConfig, path=args.params),
+        filter_config=section(params, "filter", FilterConfig, path=args.params),
+        dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
+        self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
+    )
+    if args.summary:
+        write_json(args.summary, summary)
+    sft = summary["sft"]
+    print(f"{args.out}: model {summary['model_id']} ({recipe}), SFT on {sft['examples']} examples for "
+          f"{sft['steps']} steps, dev accuracy {sft['dev_accuracy']:.3f} at step {sft['best_step']}")
 
 
 def cmd_dpo(args) -> None:
@@ -168,6 +227,11 @@ def cmd_label(args) -> None:
     statuses = labels.column("answer_status").value_counts().to_pylist()
     summary = ", ".join(f"{s['values']} {s['counts']}" for s in sorted(statuses, key=lambda s: s["values"]))
     wrong = sum(labels.column("calc_wrong").to_pylist())
+    if args.summary:
+        from factory.io import write_json
+        from factory.labelers import label_summary
+
+        write_json(args.summary, label_summary(labels))
     print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
 
 
@@ -259,6 +323,43 @@ def cmd_pairs(args) -> None:
           f"{summary['problems_seen']} problems (skipped: {skipped})")
 
 
+def cmd_report(args) -> None:
+    """Gather every iteration's metrics into one metrics file and one plot file (accuracy per iteration).
+
+    Example: factory report --metrics metrics/iterations --out metrics/flywheel.json --plot metrics/flywheel_plot.json
+    """
+    from factory.io import write_json
+    from factory.report import flywheel_report, format_table
+
+    params = _params(args)
+    rows = flywheel_report(args.metrics, params)
+    recipe = params.get("recipe", "dpo_st")
+    write_json(args.out, {"recipe": recipe} | {f"iter_{r['iteration']}": {k: v for k, v in r.items() if k != "iteration"}
+                                               for r in rows})
+    if args.plot:
+        write_json(args.plot, rows)
+    print(format_table(rows))
+
+
+def cmd_compare(args) -> None:
+    """Run recipes over seeds as DVC experiments and print accuracy per iteration with paired differences.
+
+    List the recipes weakest first: each is compared with every one before it (the first is the control).
+    Example: factory compare --recipes sft,self_train,dpo_st --seeds 0,1 --out metrics/compare.json
+    """
+    from factory.compare import format_summary, run_experiments, summarize
+    from factory.io import write_json
+    from train.iteration import check_recipe
+
+    recipes = [check_recipe(r) for r in args.recipes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = run_experiments(recipes, seeds)
+    summaries = {split: summarize(results, split) for split in ("test", "test_ood")}
+    write_json(args.out, {"recipes": recipes, "seeds": seeds, "runs": results, "summary": summaries})
+    for split in summaries:
+        print(format_summary(summaries[split]) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -276,8 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropped", help="where dropped rows go (default: OUT with .dropped.parquet)")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (arith reads its `problems.arith`)")
 
+    p = command("base", cmd_base, "save the base model (tiny from scratch, or a Hub id / local folder)")
+    p.add_argument("--problems", required=True, help="problems Parquet (the tiny tokenizer learns its text)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `warmup.base_model`, `model`)")
+
     p = command("warmup", cmd_warmup, "train the warm-up model on gold rationales")
     p.add_argument("--problems", required=True, help="problems Parquet with train and dev splits")
+    p.add_argument("--base", required=True, help="base model folder (from `factory base`)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--curve", help="write the dev-accuracy curve as JSON (for dvc plots)")
     p.add_argument("--params", default=DEFAULT_PARAMS)
@@ -287,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="previous model folder: the starting policy and the reference")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
+
+    p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
+    p.add_argument("--recipe", help="dpo_st | self_train | sft (default: params `recipe`)")
+    p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--prev", required=True, help="previous iteration's model folder")
+    p.add_argument("--base", required=True, help="base model folder (self-training restarts from it)")
+    p.add_argument("--pairs", required=True, help="this iteration's pairs Parquet (dpo_st)")
+    p.add_argument("--samples", required=True, help="this iteration's samples (self_train pools them)")
+    p.add_argument("--labels", required=True, help="labels of --samples")
+    p.add_argument("--work", required=True, help="folder for the second round's tables")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--summary", help="write the step's summary as JSON")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
 
     p = command("eval", cmd_eval, "greedy accuracy per split, as DVC metrics")
     p.add_argument("--model", required=True, help="model folder or Hub id")
@@ -308,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="samples Parquet or JSONL (problem_id, text, optional sample_id)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--out", required=True, help="labels Parquet to write")
+    p.add_argument("--summary", help="also write counts per answer status and the share of problems solved")
 
     p = command("filter", cmd_filter, "drop samples that fail the filters, keeping each with its reason")
     p.add_argument("samples", help="samples Parquet (or JSONL with every samples column)")
@@ -315,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="kept samples Parquet to write")
     p.add_argument("--dropped", required=True, help="dropped rows Parquet to write (filter and reason per row)")
     p.add_argument("--counts", help="also write the counts (input, kept, dropped per filter and reason) as JSON")
+    p.add_argument("--iteration", type=int, help="apply params `iterations.K` overrides")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `filter` section)")
 
     p = command("pairs", cmd_pairs, "make preference pairs from labelled samples")
@@ -327,6 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pairs Parquet to write")
     p.add_argument("--summary", help="also write the pair counts and skip reasons as JSON")
     p.add_argument("--params", default=DEFAULT_PARAMS)
+
+    p = command("report", cmd_report, "gather the iterations' metrics into one table and plot")
+    p.add_argument("--metrics", required=True, help="folder holding iter_K/ metrics folders")
+    p.add_argument("--out", required=True, help="metrics JSON to write (one entry per iteration)")
+    p.add_argument("--plot", help="also write one row per iteration for dvc plots")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `iterations`, `recipe`)")
+
+    p = command("compare", cmd_compare, "run recipes over seeds as DVC experiments and compare them")
+    p.add_argument("--recipes", default="sft,self_train,dpo_st", help="comma-separated, weakest (control) first")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (sample, dpo and self_train seeds)")
+    p.add_argument("--out", default="metrics/compare.json", help="JSON with every run and the summary")
     return parser
 
 
@@ -334,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as error:
         if os.environ.get("FACTORY_DEBUG"):
             raise
         print(f"factory {args.command}: error: {error}", file=sys.stderr)

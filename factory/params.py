@@ -51,3 +51,23 @@ def section(params: dict[str, Any], name: str, cls: type[T], *, path: str | Path
 def as_dict(config: Any) -> dict[str, Any]:
     """A config as plain JSON-able values (tuples become lists), for provenance records."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def with_iteration(params: dict[str, Any], iteration: int, *, path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """`params` with iteration K's overrides (params `iterations.K`, except `prev`) merged into its sections.
+
+    >>> with_iteration({"sample": {"n": 4, "seed": 0}, "iterations": {"2": {"prev": 1, "sample": {"n": 8}}}}, 2)
+    {'sample': {'n': 8, 'seed': 0}, 'iterations': {'2': {'prev': 1, 'sample': {'n': 8}}}}
+    """
+    item = (params.get("iterations") or {}).get(str(iteration))
+    if not item:
+        return params
+    merged = dict(params)
+    for name, overrides in item.items():
+        if name == "prev":
+            continue
+        if not isinstance(overrides, dict):
+            raise ParamsError(f"{path}: iterations.{iteration}.{name}: expected a mapping of {name!r} keys to "
+                              f"override, got {overrides!r}")
+        merged[name] = {**(params.get(name) or {}), **overrides}
+    return merged

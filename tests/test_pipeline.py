@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -32,33 +33,87 @@ def project(tmp_path_factory):
     for name in ("factory", "train"):
         (root / name).symlink_to(ROOT / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["problems"]["arith"]["sizes"] = {"train": 64, "dev": 16, "answers": 8, "unlabeled": 8,
-                                            "test": 24, "test_ood": 16}
-    params["model"] |= {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+    params["problems"]["arith"]["sizes"] = {"train": 16, "dev": 6, "answers": 4, "unlabeled": 4,
+                                            "test": 8, "test_ood": 4}
+    params["model"] |= {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
                         "num_heads": 2}
-    params["warmup"] |= {"max_epochs": 2, "batch_size": 16, "warmup_steps": 2, "dev_max_new_tokens": 32}
-    params["eval"] |= {"max_new_tokens": 48}
+    # A short warm-up that memorises the answer format, so samples end in `#### N` and some are wrong.
+    params["warmup"] |= {"max_epochs": 12, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0,
+                         "patience": 20, "dev_max_new_tokens": 8}
+    params["eval"] |= {"max_new_tokens": 32}
+    # Iterations sample `train`, whose gold rationales make pairs even for a barely trained model.
+    params["sample"] |= {"split": "train", "limit": 0, "n": 2, "max_new_tokens": 64, "shard_size": 16}
+    params["filter"] |= {"min_steps": 0}
+    params["dpo"] |= {"epochs": 1, "batch_size": 16, "warmup_steps": 0}
+    params["self_train"] |= {"n": 1, "steps": 2, "score_every": 2, "batch_size": 16, "warmup_steps": 0,
+                             "dev_max_new_tokens": 16}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)
     return root
 
 
+ITERATION_STAGES = ("sample", "label", "filter", "pairs", "train", "eval")
+
+
 def test_repro_runs_every_stage_then_nothing(project):
     first = run(["dvc", "repro"], project)
-    for stage in ("problems", "warmup", "eval"):
+    for stage in ("problems", "base", "warmup", "warmup_eval", "report"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "metrics" / "eval_iter_0.json").read_text())
-    assert set(metrics) == {"test", "test_ood"}
-    assert metrics["test"]["n"] == 24 and 0 <= metrics["test"]["accuracy"] <= 1
+    for k in (1, 2):
+        for stage in ITERATION_STAGES:
+            assert f"Running stage '{stage}@{k}'" in first
+    flywheel = json.loads((project / "metrics" / "flywheel.json").read_text())
+    assert flywheel["recipe"] == "dpo_st" and set(flywheel) == {"recipe", "iter_0", "iter_1", "iter_2"}
+    assert flywheel["iter_0"]["test"] >= 0 and "pair_yield" in flywheel["iter_2"]
+    plot = json.loads((project / "metrics" / "flywheel_plot.json").read_text())
+    assert [row["iteration"] for row in plot] == [0, 1, 2]
     lineage = read_model_lineage(project / "models" / "iter_0")
-    assert lineage["stage"] == "warmup" and lineage["model_id"].startswith("m-")
-    assert read_provenance(project / "data" / "eval" / "iter_0.parquet")["model_id"] == lineage["model_id"]
-    curve = json.loads((project / "metrics" / "warmup_curve.json").read_text())
-    assert [point["epoch"] for point in curve] == [1, 2]
+    assert lineage["stage"] == "warmup" and lineage["parent"] == read_model_lineage(project / "models" / "base")["model_id"]
+    assert read_provenance(project / "data" / "iter_0" / "eval.parquet")["model_id"] == lineage["model_id"]
+    assert "dev_accuracy" in run(["dvc", "plots", "show", "--json"], project)
+    assert "iter_2" in run(["dvc", "metrics", "show"], project)
 
     second = run(["dvc", "repro"], project)
     assert "Running stage" not in second
     assert "up to date" in run(["dvc", "status"], project)
+
+
+def test_every_pair_traces_to_samples_of_the_previous_iterations_model(project):
+    for k in (1, 2):
+        previous = read_model_lineage(project / "models" / f"iter_{k - 1}")["model_id"]
+        samples = pq.read_table(project / "data" / f"iter_{k}" / "samples.parquet").to_pylist()
+        model_of = {s["sample_id"]: s["model_id"] for s in samples}
+        pairs = pq.read_table(project / "data" / f"iter_{k}" / "pairs.parquet").to_pylist()
+        assert pairs, f"iteration {k} made no pairs"
+        for pair in pairs:
+            assert pair["iteration"] == k
+            assert model_of[pair["rejected_sample_id"]] == previous
+            assert pair["chosen_sample_id"] is None or model_of[pair["chosen_sample_id"]] == previous
+        assert read_model_lineage(project / "models" / f"iter_{k}")["parent"] == previous
+
+
+def test_changing_an_iteration_2_knob_reruns_iteration_2_only(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["iterations"]["2"]["sample"] = {"temperature": 0.9}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run(["dvc", "repro"], project)
+    for stage in ITERATION_STAGES:
+        assert f"Running stage '{stage}@2'" in out
+        assert f"Running stage '{stage}@1'" not in out
+    assert "Running stage 'warmup'" not in out
+    temperatures = set(pq.read_table(project / "data" / "iter_2" / "samples.parquet").column("temperature").to_pylist())
+    assert temperatures == {0.9}
+
+
+def test_switching_the_recipe_reruns_training_but_not_the_first_sampling(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["recipe"] = "self_train"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run(["dvc", "repro"], project)
+    assert "Running stage 'train@1'" in out and "Running stage 'sample@1'" not in out
+    assert read_model_lineage(project / "models" / "iter_1")["stage"] == "train:self_train"
+    assert not (project / "models" / "iter_1" / "dpo").exists()
+    assert json.loads((project / "metrics" / "flywheel.json").read_text())["recipe"] == "self_train"
 
 
 def test_changing_an_eval_knob_reruns_only_eval(project):
@@ -66,5 +121,5 @@ def test_changing_an_eval_knob_reruns_only_eval(project):
     params["eval"]["max_new_tokens"] = 40
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     out = run(["dvc", "repro"], project)
-    assert "Running stage 'eval'" in out
-    assert "Running stage 'warmup'" not in out and "Running stage 'problems'" not in out
+    assert "Running stage 'warmup_eval'" in out and "Running stage 'eval@2'" in out
+    assert "Running stage 'warmup'" not in out and "Running stage 'train@1'" not in out

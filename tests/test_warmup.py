@@ -5,7 +5,16 @@ import pytest
 from factory.lineage import model_id
 from factory.modeling import TinyModelConfig, load_model
 from factory.problems.arith import ArithConfig, generate_problems
-from train.sft import WarmupConfig, main
+from train.sft import (
+    SFTRunConfig,
+    WarmupConfig,
+    _tiny_tokenizer_texts,
+    build_base,
+    dev_problems,
+    gold_examples,
+    main,
+    train_sft,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -19,27 +28,31 @@ def problems():
     return generate_problems(ArithConfig(seed=3, sizes=sizes))
 
 
-def test_warmup_trains_saves_and_reports_a_curve(problems, tmp_path):
+@pytest.fixture(scope="module")
+def base(problems, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "base"
+    build_base(problems=problems, base_model="tiny", tiny=TINY, out_dir=out)
+    return out
+
+
+def test_warmup_trains_saves_and_reports_a_curve(problems, base, tmp_path):
     config = WarmupConfig(max_epochs=2, patience=5, batch_size=16, warmup_steps=2, dev_max_new_tokens=24)
-    summary = main(problems=problems, out_dir=tmp_path / "iter_0", config=config, tiny=TINY)
-    assert [h["epoch"] for h in summary["curve"]] == [1, 2]
+    summary = main(problems=problems, base_dir=base, out_dir=tmp_path / "iter_0", config=config)
+    assert [(h["epoch"], h["step"]) for h in summary["curve"]] == [(1, 3), (2, 6)]
     assert all(h["train_loss"] is not None for h in summary["curve"])
-    assert 0.0 <= summary["dev_accuracy"] <= 1.0 and summary["train_problems"] == 48
+    assert 0.0 <= summary["dev_accuracy"] <= 1.0 and summary["train_problems"] == 48 and summary["steps"] == 6
     model, tokenizer = load_model(tmp_path / "iter_0")
     assert tokenizer.chat_template and tokenizer.padding_side == "left"
     assert model_id(tmp_path / "iter_0").startswith("m-")
 
 
-def test_warmup_changes_the_weights_and_is_deterministic(problems, tmp_path):
+def test_warmup_changes_the_weights_and_is_deterministic(problems, base, tmp_path):
     import torch
 
-    from factory.modeling import build_tiny_model, train_tokenizer
-    from train.sft import _tiny_tokenizer_texts
-
     config = WarmupConfig(max_epochs=1, batch_size=16, warmup_steps=2, dev_max_new_tokens=8)
-    initial = build_tiny_model(train_tokenizer(_tiny_tokenizer_texts(problems), TINY.vocab_size), TINY)
+    initial, _ = load_model(base)
     for run in ("a", "b"):
-        main(problems=problems, out_dir=tmp_path / run, config=config, tiny=TINY)
+        main(problems=problems, base_dir=base, out_dir=tmp_path / run, config=config)
     trained, _ = load_model(tmp_path / "a")
     changed = [name for name, p in trained.named_parameters()
                if not torch.equal(p, initial.state_dict()[name])]
@@ -48,10 +61,29 @@ def test_warmup_changes_the_weights_and_is_deterministic(problems, tmp_path):
     assert model_id(tmp_path / "a") == model_id(tmp_path / "b")
 
 
-def test_warmup_needs_train_and_dev(problems, tmp_path):
+def test_base_is_deterministic_and_its_tokenizer_never_sees_dev_or_test(problems, base, tmp_path):
+    build_base(problems=problems, base_model="tiny", tiny=TINY, out_dir=tmp_path / "again")
+    assert model_id(tmp_path / "again") == model_id(base)
+    texts = _tiny_tokenizer_texts(problems)
+    held_out = [p["question"] for p in problems if p["split"] in ("dev", "test", "test_ood")]
+    assert not set(held_out) & set(texts)
+
+
+def test_fixed_step_sft_scores_every_k_steps_and_keeps_the_best(problems, base, tmp_path):
+    examples = gold_examples(problems)
+    summary = train_sft(model_dir=base, examples=examples, dev=dev_problems(problems, "dev"),
+                        out_dir=tmp_path / "m", config=SFTRunConfig(batch_size=16, warmup_steps=0,
+                                                                   dev_max_new_tokens=8),
+                        max_steps=5, score_every_steps=2)
+    assert [h["step"] for h in summary["curve"]] == [2, 4, 5] and summary["steps"] == 5
+    best = max(summary["curve"], key=lambda h: h["dev_accuracy"])
+    assert summary["best_step"] == best["step"]
+
+
+def test_warmup_needs_train_and_dev(problems, base, tmp_path):
     with pytest.raises(ValueError, match="split 'train' with gold_rationale"):
-        main(problems=[p for p in problems if p["split"] != "train"], out_dir=tmp_path / "m",
-             config=WarmupConfig(), tiny=TINY)
+        main(problems=[p for p in problems if p["split"] != "train"], base_dir=base, out_dir=tmp_path / "m",
+             config=WarmupConfig())
     with pytest.raises(ValueError, match="split 'dev'"):
-        main(problems=[p for p in problems if p["split"] != "dev"], out_dir=tmp_path / "m",
-             config=WarmupConfig(), tiny=TINY)
+        main(problems=[p for p in problems if p["split"] != "dev"], base_dir=base, out_dir=tmp_path / "m",
+             config=WarmupConfig())

@@ -1,16 +1,22 @@
-"""Warm-up SFT: teach the base model the task's format on the gold rationales.
+"""SFT with TRL, scored on dev accuracy: the warm-up and the self-training step.
 
-    factory warmup --problems data/problems.parquet --out models/iter_0
+    factory base   --problems data/problems.parquet --out models/base
+    factory warmup --problems data/problems.parquet --base models/base --out models/iter_0
 
-Reads the `train` split's gold rationales, trains with TRL's SFTTrainer
-(prompt-completion format, loss on the completion only) and saves the model,
-its tokenizer and its lineage record. With `base_model: tiny` the tokenizer and
-a small Llama are first built from scratch on the task's own text.
+`build_base` makes the base model: with `base_model: tiny`, a tokenizer and a
+small Llama built from scratch on the task's own text; otherwise a Hub id or
+local folder, saved as it is. `train_sft` fine-tunes a model on (question,
+rationale) examples with TRL's SFTTrainer (prompt-completion format). The
+warm-up trains the base on the `train` split's gold rationales; DPO-ST's
+self-training step (`train/iteration.py`) trains the base again on gold plus
+the model's own correct samples.
 
-Where we depart from a plain SFT run: training stops when greedy accuracy on
-the `dev` split (decoded with the calculator, as at test time) has not risen
-for `patience` evaluations, and the best model is kept. The warm-up is meant to
-be converged, so that later gains are not just "more SFT".
+Where we depart from a plain SFT run: greedy accuracy on the `dev` split
+(decoded with the calculator, as at test time) is scored during training and
+the best weights are kept. The warm-up scores each epoch and stops when dev
+accuracy has not risen for `patience` evaluations, so that it is converged and
+later gains are not just "more SFT". The self-training step runs a fixed number
+of optimizer steps instead, so recipes compare at equal training compute.
 """
 
 from __future__ import annotations
@@ -27,23 +33,29 @@ from train.common import cpu_safe_settings, save_model_atomically
 
 
 @dataclass(frozen=True, kw_only=True)
-class WarmupConfig:
-    """params.yaml `warmup`."""
+class SFTRunConfig:
+    """How one SFT run trains and is scored on dev (shared by params `warmup` and `self_train`)."""
 
-    base_model: str = TINY  # "tiny", a Hub id or a local model folder
     learning_rate: float = 2e-3
-    lr_schedule: str = "linear"  # decays to 0 at max_epochs: late epochs settle instead of jittering
-    max_epochs: int = 20
+    lr_schedule: str = "linear"  # decays to 0 at the end: late epochs settle instead of jittering
     batch_size: int = 32
     warmup_steps: int = 50
     weight_decay: float = 0.0
     completion_only_loss: bool = True  # False: also learn the question text (helps a model trained from scratch)
-    patience: int = 2  # dev evaluations without improvement before stopping
-    min_epochs: int = 1  # never stop before this: from-scratch models sit near 0% for several epochs
-    min_delta: float = 0.0  # an improvement must exceed this
     dev_split: str = "dev"
     dev_max_new_tokens: int = 160
     seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupConfig(SFTRunConfig):
+    """params.yaml `warmup`: epochs with early stopping on dev accuracy."""
+
+    base_model: str = TINY  # "tiny", a Hub id or a local model folder
+    max_epochs: int = 20
+    patience: int = 2  # dev evaluations without improvement before stopping
+    min_epochs: int = 1  # never stop before this: from-scratch models sit near 0% for several epochs
+    min_delta: float = 0.0  # an improvement must exceed this
 
 
 def _tiny_tokenizer_texts(problems: list[dict]) -> list[str]:
@@ -57,109 +69,170 @@ def _tiny_tokenizer_texts(problems: list[dict]) -> list[str]:
     return texts
 
 
-class _DevAccuracyStopper:
-    """A TrainerCallback that scores dev accuracy each epoch, keeps the best weights and stops on a plateau."""
-
-    def __init__(self, tokenizer, dev: list[dict], config: WarmupConfig):
-        from transformers import TrainerCallback
-
-        self.tokenizer, self.dev, self.config = tokenizer, dev, config
-        self.eval_config = EvalConfig(splits=(config.dev_split,), max_new_tokens=config.dev_max_new_tokens)
-        self.history: list[dict] = []
-        self.best_accuracy = -1.0
-        self.best_state = None
-        self.stale = 0
-        self.started = time.monotonic()
-        stopper = self
-
-        class Callback(TrainerCallback):
-            def on_epoch_end(self, args, state, control, model=None, **kwargs):
-                stopper.score(model, state, control)
-
-        self.callback = Callback()
-
-    def score(self, model, state, control) -> None:
-        evaluation = evaluate(model, self.tokenizer, self.dev, self.eval_config, show_progress=False)
-        accuracy = evaluation.scores[self.config.dev_split].accuracy
-        epoch = round(state.epoch)
-        losses = [e["loss"] for e in state.log_history if "loss" in e and epoch - 1 < e["epoch"] <= epoch]
-        self.history.append(
-            {
-                "epoch": epoch,
-                "dev_accuracy": round(accuracy, 4),
-                "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
-            }
-        )
-        elapsed = time.monotonic() - self.started
-        print(f"epoch {state.epoch:.0f}: dev accuracy {accuracy:.3f} ({elapsed:.0f}s)", flush=True)
-        if accuracy > self.best_accuracy + self.config.min_delta:
-            self.best_accuracy, self.stale = accuracy, 0
-            self.best_state = copy.deepcopy(model.state_dict())
-        else:
-            self.stale += 1
-            if self.stale >= self.config.patience and epoch >= self.config.min_epochs:
-                control.should_training_stop = True
-
-
-def main(
-    *, problems: list[dict], out_dir: str | Path, config: WarmupConfig, tiny: TinyModelConfig
-) -> dict:
-    """Train the warm-up model into `out_dir`; returns its training summary (curve, best epoch)."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    train_rows = [p for p in problems if p["split"] == "train" and p.get("gold_rationale")]
-    dev_rows = [p for p in problems if p["split"] == config.dev_split and p.get("gold_answer")]
-    if not train_rows:
-        raise ValueError("warm-up needs problems in split 'train' with gold_rationale; found none")
-    if not dev_rows:
-        raise ValueError(f"warm-up needs problems in split {config.dev_split!r} with gold_answer; found none")
-
-    torch.manual_seed(config.seed)
-    if config.base_model == TINY:
+def build_base(*, problems: list[dict], base_model: str, tiny: TinyModelConfig, out_dir: str | Path) -> dict:
+    """Save the base model (the start of the warm-up and of every self-training step) into `out_dir`."""
+    if base_model == TINY:
         from factory.modeling import train_tokenizer
 
         tokenizer = train_tokenizer(_tiny_tokenizer_texts(problems), tiny.vocab_size)
         model = build_tiny_model(tokenizer, tiny)
     else:
-        model, tokenizer = load_model(config.base_model)
-    print(f"warm-up: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_rows)} train problems", flush=True)
+        model, tokenizer = load_model(base_model)
+    save_model_atomically(model, tokenizer, out_dir)
+    return {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
 
-    steps_per_epoch = -(-len(train_rows) // config.batch_size)
+
+def gold_examples(problems: list[dict]) -> list[dict]:
+    """(question, rationale) examples from the `train` split's gold rationales."""
+    return [
+        {"problem_id": p["problem_id"], "question": p["question"], "rationale": p["gold_rationale"]}
+        for p in problems
+        if p["split"] == "train" and p.get("gold_rationale")
+    ]
+
+
+def dev_problems(problems: list[dict], split: str) -> list[dict]:
+    dev = [p for p in problems if p["split"] == split and p.get("gold_answer")]
+    if not dev:
+        raise ValueError(f"SFT scores dev accuracy on split {split!r} with gold_answer; found no such problems")
+    return dev
+
+
+class _DevScorer:
+    """A TrainerCallback that scores dev accuracy, keeps the best weights and (optionally) stops on a plateau.
+
+    It scores at each epoch's end, or every `every_steps` optimizer steps (and
+    at the last step) when that is set.
+    """
+
+    def __init__(self, tokenizer, dev: list[dict], config: SFTRunConfig, *, every_steps: int = 0,
+                 patience: int = 0, min_epochs: int = 0, min_delta: float = 0.0):
+        from transformers import TrainerCallback
+
+        self.tokenizer, self.dev, self.split = tokenizer, dev, config.dev_split
+        self.eval_config = EvalConfig(splits=(config.dev_split,), max_new_tokens=config.dev_max_new_tokens)
+        self.every_steps, self.patience, self.min_epochs, self.min_delta = every_steps, patience, min_epochs, min_delta
+        self.history: list[dict] = []
+        self.best_accuracy = -1.0
+        self.best_state = None
+        self.stale = 0
+        self.started = time.monotonic()
+        scorer = self
+
+        class Callback(TrainerCallback):
+            def on_epoch_end(self, args, state, control, model=None, **kwargs):
+                if not scorer.every_steps:
+                    scorer.score(model, state, control)
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                step = state.global_step
+                if scorer.every_steps and (step % scorer.every_steps == 0 or step == state.max_steps):
+                    scorer.score(model, state, control)
+
+        self.callback = Callback()
+
+    def score(self, model, state, control) -> None:
+        evaluation = evaluate(model, self.tokenizer, self.dev, self.eval_config, show_progress=False)
+        accuracy = evaluation.scores[self.split].accuracy
+        previous = self.history[-1]["step"] if self.history else 0
+        losses = [e["loss"] for e in state.log_history if "loss" in e and previous < e["step"] <= state.global_step]
+        self.history.append({
+            "epoch": round(state.epoch, 2),
+            "step": state.global_step,
+            "dev_accuracy": round(accuracy, 4),
+            "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+        })
+        elapsed = time.monotonic() - self.started
+        print(f"step {state.global_step} (epoch {state.epoch:.1f}): dev accuracy {accuracy:.3f} ({elapsed:.0f}s)",
+              flush=True)
+        if accuracy > self.best_accuracy + self.min_delta:
+            self.best_accuracy, self.stale = accuracy, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1
+            if self.patience and self.stale >= self.patience and state.epoch >= self.min_epochs:
+                control.should_training_stop = True
+
+
+def train_sft(
+    *,
+    model_dir: str | Path,
+    examples: list[dict],
+    dev: list[dict],
+    out_dir: str | Path,
+    config: SFTRunConfig,
+    epochs: int = 1,
+    max_steps: int = 0,
+    score_every_steps: int = 0,
+    patience: int = 0,
+    min_epochs: int = 0,
+    min_delta: float = 0.0,
+) -> dict:
+    """Fine-tune `model_dir` on `examples` (dicts with question, rationale), keep the best dev weights.
+
+    Trains `epochs` epochs, or exactly `max_steps` optimizer steps when that is
+    set; returns the summary (dev curve, best point, steps, examples).
+    """
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if not examples:
+        raise ValueError(f"SFT needs training examples; got none (model {model_dir})")
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(model_dir)
+    model.train()
+    print(f"SFT: {count_parameters(model) / 1e6:.2f}M parameters, {len(examples)} examples", flush=True)
+    steps_per_epoch = -(-len(examples) // config.batch_size)
     dataset = Dataset.from_list(
-        [{"prompt": format_prompt(tokenizer, p["question"]), "completion": p["gold_rationale"]} for p in train_rows]
+        [{"prompt": format_prompt(tokenizer, e["question"]), "completion": e["rationale"]} for e in examples]
     )
-    stopper = _DevAccuracyStopper(tokenizer, dev_rows, config)
+    scorer = _DevScorer(tokenizer, dev, config, every_steps=score_every_steps, patience=patience,
+                        min_epochs=min_epochs, min_delta=min_delta)
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
-            num_train_epochs=config.max_epochs,
+            num_train_epochs=epochs,
+            max_steps=max_steps or -1,
             per_device_train_batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             lr_scheduler_type=config.lr_schedule,
             warmup_steps=config.warmup_steps,
             weight_decay=config.weight_decay,
-            max_length=tiny.max_length if config.base_model == TINY else 1024,
+            max_length=getattr(model.config, "max_position_embeddings", None) or 1024,
             completion_only_loss=config.completion_only_loss,
-            logging_steps=max(1, steps_per_epoch // 4),
+            logging_steps=max(1, min(steps_per_epoch, score_every_steps or steps_per_epoch) // 4),
             seed=config.seed,
             data_seed=config.seed,
             **cpu_safe_settings(),
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stopper.callback]
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[scorer.callback]
         )
         trainer.train()
-    if stopper.best_state is not None:
-        model.load_state_dict(stopper.best_state)
+    if scorer.best_state is not None:
+        model.load_state_dict(scorer.best_state)
     save_model_atomically(model, tokenizer, out_dir)
-    best = max(stopper.history, key=lambda h: h["dev_accuracy"])
+    best = max(scorer.history, key=lambda h: h["dev_accuracy"])
     return {
-        "curve": stopper.history,
+        "curve": scorer.history,
+        "best_step": best["step"],
         "best_epoch": best["epoch"],
         "dev_accuracy": best["dev_accuracy"],
+        "steps": trainer.state.global_step,
+        "examples": len(examples),
         "parameters": count_parameters(model),
-        "train_problems": len(train_rows),
-        "config": asdict(config),
     }
+
+
+def main(*, problems: list[dict], base_dir: str | Path, out_dir: str | Path, config: WarmupConfig) -> dict:
+    """The warm-up: train the base on gold rationales into `out_dir`; returns its summary."""
+    examples = gold_examples(problems)
+    if not examples:
+        raise ValueError("warm-up needs problems in split 'train' with gold_rationale; found none")
+    dev = dev_problems(problems, config.dev_split)
+    summary = train_sft(
+        model_dir=base_dir, examples=examples, dev=dev, out_dir=out_dir, config=config, epochs=config.max_epochs,
+        patience=config.patience, min_epochs=config.min_epochs, min_delta=config.min_delta,
+    )
+    return {**summary, "train_problems": len(examples), "config": asdict(config)}

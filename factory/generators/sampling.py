@@ -9,6 +9,7 @@ any batch, on any run: what makes resuming and caching exact.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
@@ -88,13 +89,14 @@ def sample_rationales(
 
 
 def sample_to_file(
-    *, model_dir: str, problems_path: str, out: str, config: SamplingConfig, iteration: int
+    *, model_dir: str, problems_path: str, out: str, config: SamplingConfig, iteration: int,
+    shard_dir: Path | None = None,
 ) -> int:
     """The `sample` stage: N rationales per problem of `config.split`, checkpointed in shards.
 
     Killed and restarted with the same inputs and params, it resumes from the
     finished shards and writes exactly the bytes an uninterrupted run writes.
-    Returns the number of rows written.
+    Shards go to `shard_dir` (default: beside `out`). Returns the number of rows written.
     """
     problems = [p for p in read_table(problems_path, "problems").to_pylist() if p["split"] == config.split]
     if not problems:
@@ -112,7 +114,7 @@ def sample_to_file(
             model, tokenizer, shard, config, model_id=mid, iteration=iteration, show_progress=False
         )
 
-    shard_dir = shard_dir_for(out)
+    shard_dir = shard_dir or shard_dir_for(out)
     rows = run_in_shards(
         problems, work, shard_size=config.shard_size, shard_dir=shard_dir,
         fingerprint=fingerprint, kind="samples", desc="sample",

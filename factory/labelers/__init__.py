@@ -25,3 +25,23 @@ def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str 
     columns |= gold_labels(texts, [gold_by_problem[p] for p in problem_ids])
     columns |= calculator_labels(texts)
     return validate(pa.table(columns), "labels", source=samples_source)
+
+
+def label_summary(labels: pa.Table) -> dict:
+    """Counts per answer status, and how many problems got at least one correct sample (pass@n)."""
+    statuses: dict[str, int] = {}
+    for status in labels.column("answer_status").to_pylist():
+        statuses[status] = statuses.get(status, 0) + 1
+    problems: dict[str, bool] = {}
+    for problem_id, correct in zip(labels.column("problem_id").to_pylist(), labels.column("correct").to_pylist()):
+        problems[problem_id] = problems.get(problem_id, False) or correct is True
+    solved = sum(problems.values())
+    return {
+        "samples": labels.num_rows,
+        "answer_status": dict(sorted(statuses.items())),
+        "sample_accuracy": round(statuses.get("correct", 0) / labels.num_rows, 4) if labels.num_rows else 0.0,
+        "problems": len(problems),
+        "problems_solved": solved,
+        "solved_fraction": round(solved / len(problems), 4) if problems else 0.0,
+        "calc_wrong": sum(labels.column("calc_wrong").to_pylist()),
+    }

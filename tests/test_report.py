@@ -1,0 +1,93 @@
+"""The flywheel report, the recipe comparison's arithmetic, per-iteration params and label summaries."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from factory.compare import experiment_command, format_summary, summarize
+from factory.labelers import label_summary
+from factory.params import ParamsError, with_iteration
+from factory.report import flywheel_report, format_table, iteration_numbers
+
+
+def write(folder, name, value):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(value))
+
+
+def test_report_joins_every_iterations_metrics(tmp_path):
+    for k, accuracy in ((0, 0.24), (1, 0.30)):
+        write(tmp_path / f"iter_{k}", "eval.json", {"test": {"accuracy": accuracy, "stderr": 0.01},
+                                                   "test_ood": {"accuracy": 0.01, "stderr": 0.003}})
+    write(tmp_path / "iter_1", "label.json", {"sample_accuracy": 0.2, "solved_fraction": 0.45})
+    write(tmp_path / "iter_1", "pairs.json", {"pairs": 30, "problems_with_pairs": 10, "problems_seen": 40})
+    write(tmp_path / "iter_1", "train.json", {"recipe": "dpo_st", "sft": {"examples": 1300, "dev_accuracy": 0.3},
+                                              "second_round": {"correct_kept": 300},
+                                              "dpo": {"reward_accuracy": 0.8}})
+    rows = flywheel_report(tmp_path, {"iterations": {"1": {"prev": 0}}})
+    assert rows[0] == {"iteration": 0, "test": 0.24, "test_stderr": 0.01, "test_ood": 0.01, "test_ood_stderr": 0.003}
+    assert rows[1]["pair_yield"] == 0.25 and rows[1]["solved_fraction"] == 0.45
+    assert rows[1]["recipe"] == "dpo_st" and rows[1]["self_train_correct"] == 300
+    table = format_table(rows)
+    assert table.splitlines()[0].startswith("iteration | recipe | test")
+    assert "0.300" in table
+
+
+def test_report_names_a_missing_evaluation(tmp_path):
+    write(tmp_path / "iter_0", "eval.json", {"test": {"accuracy": 0.2, "stderr": 0.01}})
+    with pytest.raises(FileNotFoundError, match="iter_1/eval.json"):
+        flywheel_report(tmp_path, {"iterations": {"1": {"prev": 0}}})
+
+
+def test_iterations_must_chain_to_earlier_ones():
+    assert iteration_numbers({"iterations": {"2": {"prev": 1}, "1": {"prev": 0}}}) == [0, 1, 2]
+    with pytest.raises(ValueError, match="iterations.2"):
+        iteration_numbers({"iterations": {"2": {"prev": 3}}})
+
+
+def test_iteration_overrides_merge_into_sections_and_bad_ones_are_named():
+    params = {"sample": {"n": 4, "seed": 0}, "iterations": {"2": {"prev": 1, "sample": {"n": 8}}}}
+    assert with_iteration(params, 2)["sample"] == {"n": 8, "seed": 0}
+    assert with_iteration(params, 1) is params
+    with pytest.raises(ParamsError, match="iterations.2.sample"):
+        with_iteration({"iterations": {"2": {"prev": 1, "sample": 8}}}, 2)
+
+
+def test_label_summary_counts_statuses_and_solved_problems():
+    labels = pa.table({"problem_id": ["p-1", "p-1", "p-2", "p-3"],
+                       "answer_status": ["correct", "wrong", "wrong", "unparseable"],
+                       "correct": [True, False, False, None], "calc_wrong": [0, 1, 0, 0]})
+    summary = label_summary(labels)
+    assert summary["answer_status"] == {"correct": 1, "unparseable": 1, "wrong": 2}
+    assert summary["problems"] == 3 and summary["problems_solved"] == 1
+    assert summary["solved_fraction"] == 0.3333 and summary["sample_accuracy"] == 0.25
+    assert summary["calc_wrong"] == 1
+
+
+def run(test0, test1, test2):
+    return {f"iter_{k}": {"test": v, "test_ood": 0.0} for k, v in enumerate((test0, test1, test2))}
+
+
+def test_summary_pairs_each_recipe_with_the_control_seed_by_seed():
+    results = {
+        "sft": {0: run(0.24, 0.25, 0.25), 1: run(0.24, 0.23, 0.24)},
+        "dpo_st": {0: run(0.24, 0.30, 0.33), 1: run(0.24, 0.28, 0.31)},
+    }
+    summary = summarize(results)
+    assert summary["accuracy"]["dpo_st"]["iter_2"][0] == pytest.approx(0.32)
+    versus = {(d["recipe"], d["baseline"]): d for d in summary["paired"]}
+    assert versus[("dpo_st", "sft")]["per_seed"] == pytest.approx([0.08, 0.07])
+    assert versus[("dpo_st", "sft")]["mean"] == pytest.approx(0.075)
+    assert versus[("dpo_st", "sft")]["stderr"] == pytest.approx(0.005)
+    assert versus[("dpo_st", "warm-up")]["per_seed"] == pytest.approx([0.09, 0.07])
+    assert ("sft", "dpo_st") not in versus  # only against recipes listed before
+    text = format_summary(summary)
+    assert "dpo_st       - sft          at iter_2: [+8.0, +7.0] -> +7.5 ± 0.5" in text
+
+
+def test_experiment_command_sets_the_recipe_and_every_seed():
+    command = experiment_command("self_train", 1)
+    assert command[:3] == ["dvc", "exp", "run"]
+    settings = [command[i + 1] for i, arg in enumerate(command) if arg == "-S"]
+    assert settings == ["recipe=self_train", "sample.seed=1", "dpo.seed=1", "self_train.seed=1"]
