@@ -347,15 +347,15 @@ def cmd_compare(args) -> None:
     List the recipes weakest first: each is compared with every one before it (the first is the control).
     Example: factory compare --recipes sft,self_train,dpo_st --seeds 0,1 --out metrics/compare.json
     """
-    from factory.compare import format_summary, run_experiments, summarize
+    from factory.compare import baseline_key, format_summary, run_experiments, summarize
     from factory.io import write_json
     from train.iteration import check_recipe
 
     recipes = [check_recipe(r) for r in args.recipes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = run_experiments(recipes, seeds)
+    results = run_experiments(recipes, seeds, out=args.out)
     summaries = {split: summarize(results, split) for split in ("test", "test_ood")}
-    write_json(args.out, {"recipes": recipes, "seeds": seeds, "runs": results, "summary": summaries})
+    write_json(args.out, {"baseline": baseline_key(), "runs": results, "summary": summaries})
     for split in summaries:
         print(format_summary(summaries[split]) + "\n")
 

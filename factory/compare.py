@@ -29,21 +29,42 @@ SEEDED_SECTIONS = ("sample", "dpo", "self_train")
 
 def experiment_command(recipe: str, seed: int) -> list[str]:
     settings = [f"recipe={recipe}"] + [f"{section}.seed={seed}" for section in SEEDED_SECTIONS]
-    return ["dvc", "exp", "run", "--name", f"compare-{recipe}-seed{seed}"] + \
-        [arg for setting in settings for arg in ("-S", setting)]
+    return ["dvc", "exp", "run"] + [arg for setting in settings for arg in ("-S", setting)]
 
 
-def run_experiments(recipes: list[str], seeds: list[int], *, flywheel: str = "metrics/flywheel.json") -> dict:
-    """{recipe: {seed: {"iter_k": {split: accuracy}}}} from one DVC experiment per (recipe, seed)."""
+def baseline_key() -> str:
+    """What the runs compare from: the pipeline and its params (a changed one invalidates saved runs)."""
+    from factory.ids import content_hash
+
+    return content_hash(*(Path(name).read_text() if Path(name).exists() else "" for name in ("dvc.yaml", "params.yaml")))
+
+
+def run_experiments(recipes: list[str], seeds: list[int], *, out: str | Path,
+                    flywheel: str = "metrics/flywheel.json") -> dict:
+    """{recipe: {seed: flywheel metrics}} from one DVC experiment per (recipe, seed).
+
+    Each finished run is saved to `out` at once; started again with the same
+    pipeline and params, it skips the runs already there (an hour-long job
+    survives an interruption).
+    """
+    from factory.io import write_json
+
+    out, key = Path(out), baseline_key()
     saved = {name: Path(name).read_bytes() for name in ("params.yaml", "dvc.lock") if Path(name).exists()}
-    results: dict[str, dict[int, dict]] = {r: {} for r in recipes}
+    done = json.loads(out.read_text()) if out.exists() else {}
+    runs = done.get("runs", {}) if done.get("baseline") == key else {}
+    results: dict[str, dict[int, dict]] = {r: {int(s): m for s, m in runs.get(r, {}).items()} for r in recipes}
     try:
         for seed in seeds:
             for recipe in recipes:
+                if seed in results[recipe]:
+                    print(f"compare: {recipe} seed {seed} already in {out}", flush=True)
+                    continue
                 command = experiment_command(recipe, seed)
                 print("$ " + " ".join(command), flush=True)
                 subprocess.run(command, check=True)
                 results[recipe][seed] = json.loads(Path(flywheel).read_text())
+                write_json(out, {"baseline": key, "runs": results})
     finally:
         for name, content in saved.items():
             Path(name).write_bytes(content)
