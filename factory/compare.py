@@ -9,10 +9,11 @@ like the DPO-ST paper's table. The warm-up (iteration 0) is shared by every
 run; stages whose inputs did not change come from DVC's run cache, so the
 first iteration's sampling is drawn once per seed, not once per recipe.
 
-A gain counts only against the control: `sft` (more SFT on gold from the
-previous model, the same optimizer steps) is the control, and the table gives
-each recipe's paired difference from it, seed by seed, and from the warm-up.
-The workspace's params.yaml and dvc.lock are restored at the end.
+A gain counts only against the control: list `sft` (more SFT on gold from the
+previous model, the same optimizer steps) first, and the table gives each
+recipe's paired difference, seed by seed, from the warm-up and from every
+recipe listed before it.
+The workspace's params.yaml and dvc.lock are restored (and unstaged) at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import statistics
 import subprocess
 from pathlib import Path
 
-CONTROL = "sft"
 SEEDED_SECTIONS = ("sample", "dpo", "self_train")
 
 
@@ -68,6 +68,8 @@ def run_experiments(recipes: list[str], seeds: list[int], *, out: str | Path,
     finally:
         for name, content in saved.items():
             Path(name).write_bytes(content)
+        # `dvc exp run` stages params.yaml and dvc.lock in git; unstage them (their content is restored above).
+        subprocess.run(["git", "reset", "--quiet", "--", *saved], check=False)
         subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
     return results
 

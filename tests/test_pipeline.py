@@ -33,6 +33,7 @@ def project(tmp_path_factory):
     for name in ("factory", "train"):
         (root / name).symlink_to(ROOT / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["recipe"] = "dpo_st"  # whatever the workspace holds (a `dvc exp run` may be switching it)
     params["problems"]["arith"]["sizes"] = {"train": 16, "dev": 6, "answers": 4, "unlabeled": 4,
                                             "test": 8, "test_ood": 4}
     params["model"] |= {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
