@@ -87,3 +87,19 @@ def test_warmup_needs_train_and_dev(problems, base, tmp_path):
     with pytest.raises(ValueError, match="split 'dev'"):
         main(problems=[p for p in problems if p["split"] != "dev"], base_dir=base, out_dir=tmp_path / "m",
              config=WarmupConfig())
+
+
+def test_saved_model_does_not_record_how_its_tokenizer_was_loaded(base, tmp_path):
+    """HF_HUB_OFFLINE=1 loads set `local_files_only`; saved, it would change the model_id with the environment."""
+    import json
+
+    from train.common import save_model_atomically
+
+    ids = []
+    for offline in (True, False):
+        model, tokenizer = load_model(base)
+        tokenizer.init_kwargs["local_files_only"] = offline
+        out = save_model_atomically(model, tokenizer, tmp_path / str(offline))
+        assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
+        ids.append(model_id(out))
+    assert ids[0] == ids[1]

@@ -39,6 +39,9 @@ def save_model_atomically(model, tokenizer, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    # How the tokenizer was loaded (offline or not) is not part of it: left in, it would make the
+    # saved bytes, the model_id and every sample id depend on HF_HUB_OFFLINE.
+    tokenizer.init_kwargs.pop("local_files_only", None)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
