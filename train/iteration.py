@@ -75,8 +75,9 @@ def self_training_examples(problems: list[dict], kept: list[dict], labels: list[
 
 
 def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, self_train: SelfTrainConfig,
-                  iteration: int, first_round: tuple[str, str] | None, filter_config) -> dict:
-    """Sample, label and filter the self-training round under `work`; returns its counts.
+                  iteration: int, first_round: tuple[str, str] | None,
+                  filter_config) -> tuple[dict, list[dict], list[dict]]:
+    """Sample, label and filter the self-training round under `work`: (counts, kept rows, label rows).
 
     With `first_round` (samples, labels paths), those rows join the new ones
     before filtering, so near-duplicates are removed across both rounds.
@@ -108,8 +109,8 @@ def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, 
     record = {"filter": as_dict(filter_config), "sample": as_dict(config)}
     write_table(kept, work / "kept.parquet", kind="samples", stage="train", params=record, inputs=inputs)
     write_table(dropped, work / "dropped.parquet", kind="dropped", stage="train", params=record, inputs=inputs)
-    return {"sampled": samples.num_rows, "kept": counts["kept"], "filter": counts,
-            "labels": labels.to_pylist()}
+    return {"sampled": samples.num_rows, "kept": counts["kept"], "filter": counts}, kept.to_pylist(), \
+        labels.to_pylist()
 
 
 def train_iteration(
@@ -165,13 +166,12 @@ def train_iteration(
         init = prev_dir
     else:
         first_round = (samples_path, labels_path) if recipe == "self_train" else None
-        second = _second_round(model_dir=sample_from, problems_path=problems_path, work=work_dir,
-                               sampling=sampling, self_train=self_train, iteration=iteration,
-                               first_round=first_round, filter_config=filter_config)
-        kept = read_table(work_dir / "kept.parquet", "samples").to_pylist()
-        examples = self_training_examples(problems, kept, second.pop("labels"))
-        summary["second_round"] = {**second, "sampled_from": model_id(sample_from),
-                                   "correct_kept": len(examples) - len(gold_examples(problems))}
+        counts, kept, labels = _second_round(model_dir=sample_from, problems_path=problems_path, work=work_dir,
+                                             sampling=sampling, self_train=self_train, iteration=iteration,
+                                             first_round=first_round, filter_config=filter_config)
+        examples = self_training_examples(problems, kept, labels)
+        summary["second_round"] = {**counts, "sampled_from": model_id(sample_from),
+                                   "correct_kept": sum(e["sample_id"] is not None for e in examples)}
         data["self_train_examples"] = str(work_dir / "kept.parquet")
         init = base_dir if self_train.init == "base" else prev_dir
 
