@@ -196,18 +196,22 @@ def cmd_eval(args) -> None:
 
 
 def cmd_label(args) -> None:
-    """Label samples: extracted answer, status against gold, calculator checks.
+    """Label samples: extracted answer, calculator checks, and the chosen labelers (gold, vote).
 
     SAMPLES is Parquet or JSONL with `problem_id` and `text` (and optionally `sample_id`).
-    Example: factory label samples.jsonl --problems data/problems.parquet --out labels.parquet
+    `--labelers vote` labels without reading gold (ScPO); `--votes` writes one row per problem.
+    Example: factory label samples.jsonl --problems data/problems.parquet --out labels.parquet --votes votes.parquet
     """
     import pyarrow as pa
 
     from factory.ids import content_id
     from factory.io import read_rows_table
-    from factory.labelers import label_samples
+    from factory.labelers import check_labelers, label_samples, label_summary, vote_table
     from factory.lineage import read_table, write_table
 
+    labelers = check_labelers(args.labelers.split(","))
+    if args.votes and "vote" not in labelers:
+        raise ValueError("--votes needs the vote labeler (--labelers ...,vote)")
     samples = read_rows_table(args.samples)
     for field in ("problem_id", "text"):
         if field not in samples.column_names:
@@ -221,15 +225,17 @@ def cmd_label(args) -> None:
                                                           samples.column("text").to_pylist())]
         samples = samples.append_column("sample_id", pa.array(ids, pa.string()))
     problems = read_table(args.problems, "problems")
-    labels = label_samples(samples, problems, samples_source=str(args.samples))
-    write_table(labels, args.out, kind="labels", stage="label",
-                inputs={"samples": args.samples, "problems": args.problems})
+    labels = label_samples(samples, problems, samples_source=str(args.samples), labelers=labelers)
+    record, inputs = {"labelers": list(labelers)}, {"samples": args.samples, "problems": args.problems}
+    write_table(labels, args.out, kind="labels", stage="label", params=record, inputs=inputs)
+    if args.votes:
+        write_table(vote_table(labels), args.votes, kind="votes", stage="label", params=record,
+                    inputs=inputs)
     statuses = labels.column("answer_status").value_counts().to_pylist()
     summary = ", ".join(f"{s['values']} {s['counts']}" for s in sorted(statuses, key=lambda s: s["values"]))
     wrong = sum(labels.column("calc_wrong").to_pylist())
     if args.summary:
         from factory.io import write_json
-        from factory.labelers import label_summary
 
         write_json(args.summary, label_summary(labels))
     print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
@@ -430,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--out", required=True, help="labels Parquet to write")
     p.add_argument("--summary", help="also write counts per answer status and the share of problems solved")
+    p.add_argument("--labelers", default="gold,vote",
+                   help="comma-separated: gold (judge against gold answers), vote (majority vote, reads no gold)")
+    p.add_argument("--votes", help="also write the per-problem vote table (Parquet)")
 
     p = command("filter", cmd_filter, "drop samples that fail the filters, keeping each with its reason")
     p.add_argument("samples", help="samples Parquet (or JSONL with every samples column)")

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from factory.ids import content_id
 from factory.text import jaccard, word_set
 
-NO_POSITIVE = "no_positive"  # no correct sample and no gold rationale to prefer
-NO_NEGATIVE = "no_negative"  # every judged sample is correct: nothing to reject
+NO_POSITIVE = "no_positive"  # no correct (or majority) sample and no gold rationale to prefer
+NO_NEGATIVE = "no_negative"  # every judged sample is correct (or agrees): nothing to reject
+TIED_VOTE = "tied_vote"  # ScPO: two answers share the most votes, so there is no majority
+LOW_CONSISTENCY = "low_consistency"  # ScPO: the top answer's vote share is below min_vote_share
 SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE)
+VOTE_SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE, TIED_VOTE, LOW_CONSISTENCY)
 GOLD = "gold"  # stands for the gold rationale in pair ids (its chosen_sample_id is None)
 
 
@@ -38,6 +41,8 @@ class PairsConfig:
     pairs_per_problem: int = 3
     # The gold rationale joins the positives when the problem has one (DPO-ST does).
     include_gold: bool = True
+    # ScPO's tau: a problem makes vote pairs only if its top answer has at least this share of the k votes.
+    min_vote_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -45,6 +50,8 @@ class PairsConfig:
         if isinstance(self.pairs_per_problem, bool) or not isinstance(self.pairs_per_problem, int) \
                 or self.pairs_per_problem < 1:
             raise ValueError(f"pairs_per_problem must be a positive integer, got {self.pairs_per_problem!r}")
+        if not 0.0 <= self.min_vote_share <= 1.0:
+            raise ValueError(f"min_vote_share must be in [0, 1], got {self.min_vote_share!r}")
 
 
 def check_inputs(
@@ -97,6 +104,37 @@ def _least_similar(
     return scored[:k]
 
 
+def _pair_row(config: PairsConfig, iteration: int, problem_id: str, prompt: str, chosen_id: str | None,
+              chosen: str, rejected_id: str, rejected: str, weight: float) -> dict:
+    return {
+        "pair_id": content_id("pair", config.recipe, iteration, problem_id, chosen_id or GOLD, rejected_id),
+        "problem_id": problem_id,
+        "iteration": iteration,
+        "recipe": config.recipe,
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_sample_id": chosen_id,
+        "rejected_sample_id": rejected_id,
+        "weight": weight,
+    }
+
+
+def _summary(config: PairsConfig, iteration: int, samples: list[dict], rows: list[dict],
+             skipped: dict[str, int]) -> dict:
+    weights = [r["weight"] for r in rows]
+    return {
+        "recipe": config.recipe,
+        "iteration": iteration,
+        "problems_seen": len({s["problem_id"] for s in samples}),
+        "problems_with_pairs": len({r["problem_id"] for r in rows}),
+        "pairs": len(rows),
+        "pairs_with_gold": sum(r["chosen_sample_id"] is None for r in rows),
+        "mean_weight": round(sum(weights) / len(weights), 4) if weights else None,
+        "skipped": skipped,
+    }
+
+
 def dpo_st_pairs(
     problems: list[dict],
     samples: list[dict],
@@ -131,16 +169,11 @@ def dpo_st_pairs(
     """
     label_by_id = check_inputs(problems, samples, labels)
     problem_by_id = {p["problem_id"]: p for p in problems}
-    by_problem: dict[str, list[dict]] = {}
-    for sample in samples:
-        by_problem.setdefault(sample["problem_id"], []).append(sample)
-
     rows: list[dict] = []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     unjudged = 0
-    for problem_id in sorted(by_problem):
+    for problem_id, group in _group_by_problem(samples).items():
         problem = problem_by_id[problem_id]
-        group = sorted(by_problem[problem_id], key=lambda s: s["sample_id"])
         verdicts = [label_by_id[s["sample_id"]]["correct"] for s in group]
         unjudged += sum(v is None for v in verdicts)
         judged = list(zip(group, verdicts))
@@ -154,33 +187,122 @@ def dpo_st_pairs(
         prompt = prompt_for(problem["question"])
         kept = _least_similar(positives, negatives, config.pairs_per_problem)
         for _, chosen_id, chosen, rejected_id, rejected in kept:
-            rows.append({
-                "pair_id": content_id("pair", config.recipe, iteration, problem_id, chosen_id or GOLD, rejected_id),
-                "problem_id": problem_id,
-                "iteration": iteration,
-                "recipe": config.recipe,
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "chosen_sample_id": chosen_id,
-                "rejected_sample_id": rejected_id,
-                "weight": 1.0,
-            })
-    summary = {
-        "recipe": config.recipe,
-        "iteration": iteration,
-        "problems_seen": len(by_problem),
-        "problems_with_pairs": len({r["problem_id"] for r in rows}),
-        "pairs": len(rows),
-        "pairs_with_gold": sum(r["chosen_sample_id"] is None for r in rows),
-        "unjudged_samples": unjudged,
-        "skipped": skipped,
-    }
+            rows.append(_pair_row(config, iteration, problem_id, prompt, chosen_id, chosen, rejected_id, rejected,
+                                  1.0))
+    summary = _summary(config, iteration, samples, rows, skipped) | {"unjudged_samples": unjudged}
+    return rows, summary
+
+
+def _group_by_problem(samples: list[dict]) -> dict[str, list[dict]]:
+    by_problem: dict[str, list[dict]] = {}
+    for sample in samples:
+        by_problem.setdefault(sample["problem_id"], []).append(sample)
+    return {p: sorted(group, key=lambda s: s["sample_id"]) for p, group in sorted(by_problem.items())}
+
+
+def scpo_pairs(
+    problems: list[dict],
+    samples: list[dict],
+    labels: list[dict],
+    *,
+    prompt_for: Callable[[str], str],
+    iteration: int,
+    config: PairsConfig,
+) -> tuple[list[dict], dict]:
+    """ScPO pairs (Prasad et al., 2024): the most-voted answer over the least-voted one, weighted by the margin.
+
+    Reads no gold: only each sample's extracted answer and vote count (the
+    `vote` labeler's columns of `labels`, computed over all k samples of a
+    problem before filtering). A problem is kept if its top answer is unique
+    and has at least `config.min_vote_share` of the k votes. Chosen: a kept
+    sample with the top answer; rejected: a kept sample with the fewest votes
+    among the other answers (no answer counts 0 votes). Weight
+    w = (V(chosen) - V(rejected)) / k. Up to `config.pairs_per_problem` least
+    similar chosen x rejected pairs per problem.
+
+    >>> samples = [{"sample_id": f"s-{i}", "problem_id": "p-1", "text": t}
+    ...            for i, t in enumerate(["5\\n#### 5", "2+3=5\\n#### 5", "6\\n#### 6", "no idea"])]
+    >>> labels = [{"sample_id": s["sample_id"], "problem_id": "p-1", "answer": a, "vote_count": v}
+    ...           for s, a, v in zip(samples, ["5", "5", "6", None], [2, 2, 1, 0])]
+    >>> rows, summary = scpo_pairs([{"problem_id": "p-1", "question": "2+3?"}], samples, labels,
+    ...                            prompt_for=lambda q: q, iteration=1, config=PairsConfig(recipe="scpo"))
+    >>> [(r["chosen_sample_id"], r["rejected_sample_id"], r["weight"]) for r in rows]
+    [('s-0', 's-3', 0.5), ('s-1', 's-3', 0.5)]
+    """
+    label_by_id = check_inputs(problems, samples, labels)
+    question = {p["problem_id"]: p["question"] for p in problems}
+    votes: dict[str, list[tuple[str | None, int]]] = {}
+    for label in labels:
+        if label.get("vote_count") is None:
+            raise ValueError(f"labels of sample {label['sample_id']!r} have no vote_count: "
+                             "label with the vote labeler (factory label --labelers vote)")
+        votes.setdefault(label["problem_id"], []).append((label["answer"], label["vote_count"]))
+
+    rows: list[dict] = []
+    skipped = dict.fromkeys(VOTE_SKIP_REASONS, 0)
+    for problem_id, group in _group_by_problem(samples).items():
+        k = len(votes[problem_id])
+        top_votes = max(count for _, count in votes[problem_id])
+        leaders = {answer for answer, count in votes[problem_id] if answer is not None and count == top_votes}
+        if len(leaders) != 1:
+            skipped[TIED_VOTE if len(leaders) > 1 else NO_POSITIVE] += 1
+            continue
+        if top_votes / k < config.min_vote_share:
+            skipped[LOW_CONSISTENCY] += 1
+            continue
+        (top,) = leaders
+        answered = [(s, label_by_id[s["sample_id"]]) for s in group]
+        positives = [(s["sample_id"], s["text"]) for s, label in answered if label["answer"] == top]
+        others = [(s, label["vote_count"]) for s, label in answered if label["answer"] != top]
+        if not positives or not others:
+            skipped[NO_POSITIVE if not positives else NO_NEGATIVE] += 1
+            continue
+        fewest = min(count for _, count in others)
+        negatives = [(s["sample_id"], s["text"]) for s, count in others if count == fewest]
+        prompt = prompt_for(question[problem_id])
+        weight = (top_votes - fewest) / k
+        for _, chosen_id, chosen, rejected_id, rejected in _least_similar(positives, negatives,
+                                                                          config.pairs_per_problem):
+            rows.append(_pair_row(config, iteration, problem_id, prompt, chosen_id, chosen, rejected_id, rejected,
+                                  weight))
+    summary = _summary(config, iteration, samples, rows, skipped)
+    return rows, summary
+
+
+def scpo_semi_pairs(
+    problems: list[dict],
+    samples: list[dict],
+    labels: list[dict],
+    *,
+    prompt_for: Callable[[str], str],
+    iteration: int,
+    config: PairsConfig,
+) -> tuple[list[dict], dict]:
+    """ScPO's semi-supervised setting: gold pairs (the `dpo_st` rule) where a problem has a gold answer, vote pairs where not.
+
+    One pairs file; gold pairs weigh 1.0, vote pairs their vote margin.
+    """
+    gold = {p["problem_id"] for p in problems if p.get("gold_answer") is not None}
+    labelled = [s for s in samples if s["problem_id"] in gold]
+    unlabelled = [s for s in samples if s["problem_id"] not in gold]
+    parts = [
+        dpo_st_pairs(problems, labelled, labels, prompt_for=prompt_for, iteration=iteration, config=config),
+        scpo_pairs(problems, unlabelled, labels, prompt_for=prompt_for, iteration=iteration, config=config),
+    ]
+    rows = sorted(parts[0][0] + parts[1][0], key=lambda r: r["problem_id"])
+    skipped = dict.fromkeys(VOTE_SKIP_REASONS, 0)
+    for _, part in parts:
+        for reason, count in part["skipped"].items():
+            skipped[reason] += count
+    summary = _summary(config, iteration, samples, rows, skipped)
+    summary["gold_problems_seen"], summary["vote_problems_seen"] = parts[0][1]["problems_seen"], \
+        parts[1][1]["problems_seen"]
+    summary["gold_pairs"], summary["vote_pairs"] = parts[0][1]["pairs"], parts[1][1]["pairs"]
     return rows, summary
 
 
 Recipe = Callable[..., tuple[list[dict], dict]]
-RECIPES: dict[str, Recipe] = {"dpo_st": dpo_st_pairs}
+RECIPES: dict[str, Recipe] = {"dpo_st": dpo_st_pairs, "scpo": scpo_pairs, "scpo_semi": scpo_semi_pairs}
 
 
 def recipe_function(name: str) -> Recipe:

@@ -82,6 +82,22 @@ PAIRS = pa.schema(
     ]
 )
 
+# One row per problem: the majority vote over its samples' final answers (factory.labelers.vote).
+VOTES = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("n_samples", pa.int32(), nullable=False),  # k: every sample of the problem votes
+        pa.field("n_answered", pa.int32(), nullable=False),  # samples with a parseable final answer
+        pa.field("n_answers", pa.int32(), nullable=False),  # distinct answers
+        pa.field("top_answer", pa.string()),  # null: a tie for the top, or no answer at all
+        pa.field("top_votes", pa.int32(), nullable=False),
+        pa.field("top_share", pa.float64(), nullable=False),  # top_votes / n_samples
+        pa.field("tied", pa.bool_(), nullable=False),  # two or more answers share the top count
+        pa.field("entropy", pa.float64(), nullable=False),  # bits, over the answered samples' answers
+        pa.field("majority_correct", pa.bool_()),  # audit only; null: no gold, or no majority
+    ]
+)
+
 DROPPED = pa.schema(
     [
         pa.field("row_id", pa.string(), nullable=False),  # id of the dropped row in its own table
@@ -98,6 +114,7 @@ TABLES: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "labels": LABELS,
     "pairs": PAIRS,
+    "votes": VOTES,
     "dropped": DROPPED,
 }
 

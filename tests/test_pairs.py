@@ -82,7 +82,8 @@ def test_keeps_the_three_least_similar_pairs_with_gold_as_chosen():
     assert len({r["pair_id"] for r in rows}) == 3
     assert summary == {
         "recipe": "dpo_st", "iteration": 1, "problems_seen": 2, "problems_with_pairs": 1, "pairs": 3,
-        "pairs_with_gold": 1, "unjudged_samples": 0, "skipped": {"no_positive": 0, "no_negative": 1},
+        "pairs_with_gold": 1, "mean_weight": 1.0, "unjudged_samples": 0,
+        "skipped": {"no_positive": 0, "no_negative": 1},
     }
 
 
@@ -170,9 +171,11 @@ def test_inputs_that_do_not_join_are_errors_naming_the_sample():
 
 
 def test_recipes_and_config_are_checked():
-    assert RECIPES == {"dpo_st": dpo_st_pairs}
-    with pytest.raises(ValueError, match=r"unknown pairs recipe 'scpo'; known: \['dpo_st'\]"):
-        PairsConfig(recipe="scpo")
+    assert RECIPES["dpo_st"] is dpo_st_pairs and set(RECIPES) == {"dpo_st", "scpo", "scpo_semi"}
+    with pytest.raises(ValueError, match=r"unknown pairs recipe 'best'; known: \['dpo_st', 'scpo', 'scpo_semi'\]"):
+        PairsConfig(recipe="best")
+    with pytest.raises(ValueError, match="min_vote_share must be in"):
+        PairsConfig(min_vote_share=1.5)
     with pytest.raises(ValueError, match="pairs_per_problem must be a positive integer, got 0"):
         PairsConfig(pairs_per_problem=0)
     rows, _ = make_pairs(*make_rows(), prompt_for=PROMPT, iteration=1, config=PairsConfig())
@@ -237,7 +240,8 @@ def test_cli_writes_pairs_with_provenance_and_summary(cli_inputs, capsys):
     assert [r["pair_id"] for r in rows] == [r["pair_id"] for r in expected]
     provenance = read_provenance(out)
     assert provenance["stage"] == "pairs" and provenance["model_id"] is None
-    assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True}
+    assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True,
+                                                 "min_vote_share": 0.5}
     assert set(provenance["inputs"]) == {"problems", "samples", "labels"}
     assert json.loads(summary.read_text())["skipped"] == {"no_positive": 0, "no_negative": 1}
     assert "3 dpo_st pairs from 1 of 2 problems" in capsys.readouterr().out
@@ -259,6 +263,6 @@ def test_cli_errors_name_the_sample_and_file(cli_inputs, capsys):
                 kind="labels", stage="test")
     assert main([*argv, "--out", str(tmp_path / "pairs.parquet")]) == 2
     assert f"{paths['labels']}: no label for sample 's-w1'" in capsys.readouterr().err
-    assert main([*argv, "--recipe", "scpo", "--out", str(tmp_path / "pairs.parquet")]) == 2
-    assert "unknown pairs recipe 'scpo'; known: ['dpo_st']" in capsys.readouterr().err
+    assert main([*argv, "--recipe", "best", "--out", str(tmp_path / "pairs.parquet")]) == 2
+    assert "unknown pairs recipe 'best'; known: ['dpo_st', 'scpo', 'scpo_semi']" in capsys.readouterr().err
     assert not (tmp_path / "pairs.parquet").exists()

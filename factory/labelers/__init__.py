@@ -1,8 +1,12 @@
-"""Labelers attach verdicts to samples: the gold answer and the calculator checks.
+"""Labelers attach verdicts to samples: the gold answer, the calculator checks, the majority vote.
 
-`label_samples` joins samples to their problems and runs every labeler,
+`label_samples` joins samples to their problems and runs the chosen labelers,
 returning a `labels` table; a sample whose problem is unknown is an error that
-names the file and row rather than a silently unjudged row.
+names the file and row rather than a silently unjudged row. The final answer
+is always extracted and the calculator always checks the annotations (both
+need nothing but the text). `gold` judges against gold answers; without it
+gold is never read (`correct` is null, status `no_gold`). `vote` adds each
+sample's vote count, share and rank; `vote_table` gives one row per problem.
 """
 
 from __future__ import annotations
@@ -11,24 +15,48 @@ import pyarrow as pa
 
 from factory.labelers.calculator import calculator_labels
 from factory.labelers.gold import gold_labels
+from factory.labelers.vote import vote_columns, vote_table
 from factory.schema import validate
 
+LABELERS = ("gold", "vote")
+__all__ = ["LABELERS", "check_labelers", "label_samples", "label_summary", "vote_table"]
 
-def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str = "<samples>") -> pa.Table:
-    gold_by_problem = dict(zip(problems.column("problem_id").to_pylist(), problems.column("gold_answer").to_pylist()))
+
+def check_labelers(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(names) - set(LABELERS))
+    if unknown:
+        raise ValueError(f"unknown labeler(s) {unknown}; known: {', '.join(LABELERS)} "
+                         "(answer extraction and the calculator checks always run)")
+    return tuple(name for name in LABELERS if name in names)
+
+
+def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str = "<samples>",
+                  labelers: tuple[str, ...] = LABELERS) -> pa.Table:
+    labelers = check_labelers(labelers)
+    known = set(problems.column("problem_id").to_pylist())
     problem_ids = samples.column("problem_id").to_pylist()
     for row, problem_id in enumerate(problem_ids):
-        if problem_id not in gold_by_problem:
+        if problem_id not in known:
             raise ValueError(f"{samples_source}: row {row} field 'problem_id': {problem_id!r} is not in the problems file")
+    if "gold" in labelers:
+        gold_by_problem = dict(zip(problems.column("problem_id").to_pylist(),
+                                   problems.column("gold_answer").to_pylist()))
+        golds = [gold_by_problem[p] for p in problem_ids]
+    else:
+        golds = [None] * len(problem_ids)
     texts = samples.column("text").to_pylist()
     columns = {"sample_id": samples.column("sample_id").to_pylist(), "problem_id": problem_ids}
-    columns |= gold_labels(texts, [gold_by_problem[p] for p in problem_ids])
+    columns |= gold_labels(texts, golds)
     columns |= calculator_labels(texts)
-    return validate(pa.table(columns), "labels", source=samples_source)
+    labels = pa.table(columns)
+    if "vote" in labelers:
+        for name, column in vote_columns(labels).items():
+            labels = labels.append_column(name, column)
+    return validate(labels, "labels", source=samples_source)
 
 
 def label_summary(labels: pa.Table) -> dict:
-    """Counts per answer status, and how many problems got at least one correct sample (pass@n)."""
+    """Counts per answer status, how many problems got at least one correct sample (pass@n), and the vote."""
     statuses: dict[str, int] = {}
     for status in labels.column("answer_status").to_pylist():
         statuses[status] = statuses.get(status, 0) + 1
@@ -36,7 +64,7 @@ def label_summary(labels: pa.Table) -> dict:
     for problem_id, correct in zip(labels.column("problem_id").to_pylist(), labels.column("correct").to_pylist()):
         problems[problem_id] = problems.get(problem_id, False) or correct is True
     solved = sum(problems.values())
-    return {
+    summary = {
         "samples": labels.num_rows,
         "answer_status": dict(sorted(statuses.items())),
         "sample_accuracy": round(statuses.get("correct", 0) / labels.num_rows, 4) if labels.num_rows else 0.0,
@@ -44,4 +72,20 @@ def label_summary(labels: pa.Table) -> dict:
         "problems_solved": solved,
         "solved_fraction": round(solved / len(problems), 4) if problems else 0.0,
         "calc_wrong": sum(labels.column("calc_wrong").to_pylist()),
+    }
+    if "vote_count" in labels.column_names and labels.column("vote_count").null_count < labels.num_rows:
+        summary["vote"] = vote_summary(vote_table(labels))
+    return summary
+
+
+def vote_summary(votes: pa.Table) -> dict:
+    """Mean top share, problems with a majority, and (where gold judged them) how often the majority is right."""
+    rows = votes.num_rows
+    with_majority = [c for c, a in zip(votes.column("majority_correct").to_pylist(),
+                                       votes.column("top_answer").to_pylist()) if a is not None]
+    judged = [c for c in with_majority if c is not None]
+    return {
+        "mean_top_share": round(sum(votes.column("top_share").to_pylist()) / rows, 4) if rows else 0.0,
+        "problems_with_majority": len(with_majority),
+        "majority_accuracy": round(sum(judged) / len(judged), 4) if judged else None,
     }
