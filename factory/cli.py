@@ -113,7 +113,7 @@ def cmd_warmup(args) -> None:
 
 
 def cmd_train(args) -> None:
-    """One iteration's training step for a recipe: dpo_st, self_train or sft (the gold-only control).
+    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi.
 
     Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo` and `self_train`.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
@@ -138,9 +138,13 @@ def cmd_train(args) -> None:
     )
     if args.summary:
         write_json(args.summary, summary)
-    sft = summary["sft"]
-    print(f"{args.out}: model {summary['model_id']} ({recipe}), SFT on {sft['examples']} examples for "
-          f"{sft['steps']} steps, dev accuracy {sft['dev_accuracy']:.3f} at step {sft['best_step']}")
+    if sft := summary.get("sft"):
+        print(f"{args.out}: model {summary['model_id']} ({recipe}), SFT on {sft['examples']} examples for "
+              f"{sft['steps']} steps, dev accuracy {sft['dev_accuracy']:.3f} at step {sft['best_step']}")
+    else:
+        dpo = summary["dpo"]
+        print(f"{args.out}: model {summary['model_id']} ({recipe}), weighted DPO on {dpo['pairs']} pairs"
+              + (f" ({dpo['skipped']})" if "skipped" in dpo else f", reward accuracy {dpo['reward_accuracy']}"))
 
 
 def cmd_dpo(args) -> None:
@@ -402,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
     p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
-    p.add_argument("--recipe", help="dpo_st | self_train | sft (default: params `recipe`)")
+    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi (default: params `recipe`)")
     p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--prev", required=True, help="previous iteration's model folder")
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="samples Parquet to write")
     p.add_argument("--params", default=DEFAULT_PARAMS)
 
-    p = command("label", cmd_label, "label samples against gold and the calculator")
+    p = command("label", cmd_label, "label samples: gold, calculator checks, majority vote")
     p.add_argument("samples", help="samples Parquet or JSONL (problem_id, text, optional sample_id)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--out", required=True, help="labels Parquet to write")

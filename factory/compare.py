@@ -3,7 +3,8 @@
     factory compare --recipes sft,self_train,dpo_st --seeds 0,1
 
 For each seed and recipe it runs the pipeline as a DVC experiment
-(`dvc exp run -S recipe=R -S sample.seed=S -S dpo.seed=S -S self_train.seed=S`),
+(`dvc exp run -S recipe=R -S sample.seed=S -S dpo.seed=S -S self_train.seed=S`, plus the
+recipe's own settings in `RECIPE_SETTINGS`: ScPO's pair rule and unlabeled problems),
 reads `metrics/flywheel.json`, and prints accuracy per iteration per recipe,
 like the DPO-ST paper's table. The warm-up (iteration 0) is shared by every
 run; stages whose inputs did not change come from DVC's run cache, so the
@@ -25,10 +26,19 @@ import subprocess
 from pathlib import Path
 
 SEEDED_SECTIONS = ("sample", "dpo", "self_train")
+# What a recipe sets besides `recipe`: its pair rule and the problems it samples. Every recipe draws the same
+# samples per iteration: dpo_st and self_train 500 x 4 in `sample@k` plus a second round of 500 x 4; ScPO has
+# no second round, so it draws its 4,000 as 8 votes on each of 500 unlabeled problems (the semi-supervised
+# variant: 250 with gold answers and 250 without).
+RECIPE_SETTINGS = {
+    "scpo": ("pairs.recipe=scpo", "sample.split=unlabeled", "sample.n=8"),
+    "scpo_semi": ("pairs.recipe=scpo_semi", "sample.split=answers+unlabeled", "sample.limit=250", "sample.n=8"),
+}
 
 
 def experiment_command(recipe: str, seed: int) -> list[str]:
-    settings = [f"recipe={recipe}"] + [f"{section}.seed={seed}" for section in SEEDED_SECTIONS]
+    settings = [f"recipe={recipe}", *RECIPE_SETTINGS.get(recipe, ())] \
+        + [f"{section}.seed={seed}" for section in SEEDED_SECTIONS]
     return ["dvc", "exp", "run"] + [arg for setting in settings for arg in ("-S", setting)]
 
 

@@ -43,14 +43,18 @@ def iteration_row(folder: Path, k: int) -> dict:
     if labels := _read(folder, "label.json"):
         row["sample_accuracy"] = labels["sample_accuracy"]
         row["solved_fraction"] = labels["solved_fraction"]
+        if vote := labels.get("vote"):
+            row["majority_accuracy"] = vote["majority_accuracy"]
+            row["mean_top_share"] = vote["mean_top_share"]
     if pairs := _read(folder, "pairs.json"):
         row["pairs"] = pairs["pairs"]
         row["pair_yield"] = round(pairs["problems_with_pairs"] / pairs["problems_seen"], 4) \
             if pairs["problems_seen"] else 0.0
     if train := _read(folder, "train.json"):
         row["recipe"] = train["recipe"]
-        row["sft_examples"] = train["sft"]["examples"]
-        row["sft_dev_accuracy"] = train["sft"]["dev_accuracy"]
+        if "sft" in train:
+            row["sft_examples"] = train["sft"]["examples"]
+            row["sft_dev_accuracy"] = train["sft"]["dev_accuracy"]
         if "second_round" in train:
             row["self_train_correct"] = train["second_round"]["correct_kept"]
         if "reward_accuracy" in train.get("dpo", {}):

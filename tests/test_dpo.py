@@ -1,6 +1,7 @@
 """DPO smoke tests: a real TRL run on a tiny model and 8 hand-made pairs, library and CLI."""
 
 import json
+import math
 
 import pytest
 
@@ -8,7 +9,7 @@ from factory.cli import main as cli
 from factory.lineage import model_id, write_table
 from factory.modeling import TinyModelConfig, build_tiny_model, format_prompt, load_model, train_tokenizer
 from factory.schema import from_rows
-from train.dpo import DPOTrainConfig, main
+from train.dpo import DPOTrainConfig, main, weighted_dpo_nll_loss
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,48 @@ def test_dpo_trains_every_parameter_and_prefers_chosen(base, pairs, tmp_path):
     # What DPO must do: raise the chosen completions' log-prob over the rejected ones'.
     start, end = mean_margin(folder, pairs), mean_margin(tmp_path / "dpo", pairs)
     assert end > start + 1.0, (start, end)
+
+
+def test_weighted_loss_matches_a_hand_computation():
+    import torch
+
+    # Two pairs: log-probs summed over completions of 2 and 3 tokens, weights 1 and 0.5, beta 0.5, alpha 1.
+    args = [torch.tensor(v) for v in ([-4.0, -6.0], [-5.0, -3.0], [-4.5, -6.0], [-4.5, -3.5], [2.0, 3.0], [1.0, 0.5])]
+    # Pair 1: margin (−4+4.5) − (−5+4.5) = 1, DPO loss log(1+e^−0.5); NLL/|c| = 4/2.
+    # Pair 2: margin (−6+6) − (−3+3.5) = −0.5, DPO loss log(1+e^0.25); NLL/|c| = 6/3.
+    by_hand = (1.0 * (math.log(1 + math.exp(-0.5)) + 2.0) + 0.5 * (math.log(1 + math.exp(0.25)) + 2.0)) / 1.5
+    assert weighted_dpo_nll_loss(*args, beta=0.5, alpha=1.0).item() == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand == pytest.approx(2.591364, abs=1e-6)
+    # alpha 0 leaves the weighted DPO loss alone.
+    dpo_only = (math.log(1 + math.exp(-0.5)) + 0.5 * math.log(1 + math.exp(0.25))) / 1.5
+    assert weighted_dpo_nll_loss(*args, beta=0.5, alpha=0.0).item() == pytest.approx(dpo_only, rel=1e-6)
+
+
+def test_zero_weights_give_zero_loss_and_no_gradient():
+    import torch
+
+    chosen = torch.tensor([-4.0, -6.0], requires_grad=True)
+    loss = weighted_dpo_nll_loss(chosen, torch.tensor([-5.0, -3.0]), torch.tensor([-4.5, -6.0]),
+                                 torch.tensor([-4.5, -3.5]), torch.tensor([2.0, 3.0]), torch.zeros(2),
+                                 beta=0.1, alpha=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(chosen.grad, torch.zeros(2))
+
+
+def test_pair_weights_reach_the_trainer(base, pairs, tmp_path):
+    """Pairs that all weigh 0 leave every parameter as it was: the weights are in the loss TRL optimises."""
+    import torch
+
+    folder, _ = base
+    summary = main(pairs=[{**p, "weight": 0.0} for p in pairs], model_dir=folder, out_dir=tmp_path / "dpo",
+                   config=FAST)
+    assert summary["steps"] == 4
+    before, _ = load_model(folder)
+    after, _ = load_model(tmp_path / "dpo")
+    assert all(torch.equal(p, before.state_dict()[name]) for name, p in after.named_parameters())
+    with pytest.raises(ValueError, match="negative weight"):
+        main(pairs=[{**p, "pair_id": "pair-x", "weight": -1.0} for p in pairs], model_dir=folder,
+             out_dir=tmp_path / "bad", config=FAST)
 
 
 def test_empty_pairs_are_refused(base, tmp_path):

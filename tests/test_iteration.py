@@ -97,6 +97,49 @@ def test_sft_control_trains_the_previous_model_on_gold_for_the_same_steps(projec
     assert summary["sft"]["init"] == model_id(project / "prev") and summary["sft"]["steps"] == 3
 
 
+def scpo_pairs_file(project, name, rows):
+    from factory.lineage import write_table
+    from factory.schema import from_rows
+
+    path = project / name
+    write_table(from_rows(rows, "pairs"), path, kind="pairs", stage="test")
+    return path
+
+
+def test_scpo_model_is_the_weighted_dpo_model_of_the_previous_one(project):
+    dpo_st_rows = pq.read_table(project / "pairs.parquet").to_pylist()
+    weighted = [{**r, "recipe": "scpo", "weight": 0.25 * (1 + i % 4)} for i, r in enumerate(dpo_st_rows)]
+    (project / "pairs.parquet").rename(project / "pairs_dpo_st.parquet")
+    try:
+        scpo_pairs_file(project, "pairs.parquet", weighted)
+        summary = train(project, "scpo")
+    finally:
+        (project / "pairs_dpo_st.parquet").replace(project / "pairs.parquet")
+    assert "sft" not in summary and "second_round" not in summary
+    assert summary["dpo"]["pairs"] == len(weighted) > 0
+    assert summary["dpo"]["mean_weight"] == round(sum(r["weight"] for r in weighted) / len(weighted), 4)
+    lineage = read_model_lineage(project / "model_scpo")
+    assert lineage["stage"] == "train:scpo" and lineage["parent"] == model_id(project / "prev")
+    assert lineage["model_id"] == summary["model_id"] == model_id(project / "model_scpo") != lineage["parent"]
+
+
+def test_scpo_refuses_pairs_of_another_rule_and_keeps_the_model_without_pairs(project, capsys):
+    argv = lambda pairs, out: ["train", "--recipe", "scpo", "--iteration", "1", "--problems",  # noqa: E731
+                               str(project / "problems.parquet"), "--prev", str(project / "prev"), "--base",
+                               str(project / "base"), "--pairs", str(pairs), "--samples",
+                               str(project / "samples.parquet"), "--labels", str(project / "labels.parquet"),
+                               "--work", str(project / "work_scpo"), "--out", str(project / out),
+                               "--params", str(project / "params.yaml")]
+    assert cli(argv(project / "pairs.parquet", "model_wrong")) == 2
+    assert "trains on 'scpo' pairs, but the file holds 'dpo_st' pairs: set params pairs.recipe: scpo" \
+        in capsys.readouterr().err
+    empty = scpo_pairs_file(project, "pairs_empty.parquet", [])
+    assert cli(argv(empty, "model_unchanged")) == 0
+    assert "has no pairs; DPO skipped" in capsys.readouterr().out
+    assert model_id(project / "model_unchanged") == model_id(project / "prev")
+    assert read_model_lineage(project / "model_unchanged")["metrics"] == {"skipped": "no pairs", "pairs": 0}
+
+
 def test_unknown_recipe_is_refused_by_name(project, capsys):
     assert cli(["train", "--recipe", "magic", "--iteration", "1", "--problems", "x", "--prev", "x", "--base", "x",
                 "--pairs", "x", "--samples", "x", "--labels", "x", "--work", "x", "--out", "x"]) == 2

@@ -1,9 +1,11 @@
 """The flywheel report, the recipe comparison's arithmetic, per-iteration params and label summaries."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from factory.compare import experiment_command, format_summary, summarize
 from factory.labelers import label_summary
@@ -91,3 +93,14 @@ def test_experiment_command_sets_the_recipe_and_every_seed():
     assert command[:3] == ["dvc", "exp", "run"]
     settings = [command[i + 1] for i, arg in enumerate(command) if arg == "-S"]
     assert settings == ["recipe=self_train", "sample.seed=1", "dpo.seed=1", "self_train.seed=1"]
+
+
+def test_scpo_experiments_set_their_pair_rule_and_sample_unlabeled_problems_at_the_same_budget():
+    settings = lambda recipe: [a for a in experiment_command(recipe, 0) if "=" in a]  # noqa: E731
+    assert settings("scpo")[:4] == ["recipe=scpo", "pairs.recipe=scpo", "sample.split=unlabeled", "sample.n=8"]
+    semi = settings("scpo_semi")
+    assert "pairs.recipe=scpo_semi" in semi and "sample.split=answers+unlabeled" in semi
+    # The default's budget: dpo_st's two rounds of limit x n equal ScPO's one round of limit x 8.
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    sample, second = params["sample"], params["self_train"]
+    assert sample["limit"] * (sample["n"] + second["n"]) == sample["limit"] * 8 == 2 * 250 * 8

@@ -1,23 +1,29 @@
-"""DPO from the previous model on preference pairs (the DPO step of DPO-ST).
+"""Weighted DPO + NLL from the previous model on preference pairs (DPO-ST's and ScPO's training step).
 
     factory dpo --pairs data/iter_1/pairs.parquet --model models/iter_0 --out models/iter_1_dpo
 
 Reads the pairs rows (TRL's explicit-prompt format: `prompt`, `chosen`,
-`rejected` strings), trains with TRL's DPOTrainer and saves the model with its
-tokenizer; the command writes the lineage record. The previous model is both
-the starting policy and the frozen reference (Wang et al., ACL 2024, §3.2,
-beta 0.1). Its log-probs of every chosen and rejected completion are computed
-once before training (`precompute_ref_log_probs`), so no second model is held
-in memory and every epoch reuses them.
+`rejected` strings, plus a per-pair `weight`) and trains with TRL's
+DPOTrainer, whose loss we replace with ScPO's (Prasad et al., 2024):
 
-Where we depart from the paper:
-- We add an NLL term on the chosen completion (TRL's `"sft"` loss: mean
-  token NLL, weighted by `nll_weight`; 0 turns it off). Plain DPO collapsed in
-  this project's prototype: the chosen answers' likelihood fell and answers
-  with the wrong number of steps went from 3% to 23% (see DESIGN.md).
-- Defaults follow the prototype, not the paper: lr 1e-5 over 2 epochs.
-- Per-pair `weight`s are not used: DPO-ST pairs all weigh 1.0, and other
-  weights are refused rather than silently ignored.
+    loss = sum_i w_i * (-log sigmoid(beta * margin_i) + alpha * NLL(chosen_i) / |chosen_i|) / sum_i w_i
+
+over each batch, where margin_i is the chosen-minus-rejected log-ratio to the
+reference and alpha is `nll_weight`. DPO-ST's pairs all weigh 1.0, which makes
+it plain DPO plus a length-normalised NLL term; ScPO's weigh their vote margin.
+The previous model is both the starting policy and the frozen reference
+(Wang et al., ACL 2024, §3.2, beta 0.1). Its log-probs of every chosen and
+rejected completion are computed once before training
+(`precompute_ref_log_probs`), so no second model is held in memory and every
+epoch reuses them.
+
+Where we depart from the papers:
+- The NLL term is on for DPO-ST too: plain DPO collapsed in this project's
+  prototype (the chosen answers' likelihood fell and answers with the wrong
+  number of steps went from 3% to 23%; see DESIGN.md).
+- A subclass rather than TRL's loss types: TRL 1.x has no per-example weights
+  (its `use_weighting` is WPO's, computed from the policy), and its "sft" term
+  is a token mean over the batch rather than a per-pair mean.
 """
 
 from __future__ import annotations
@@ -39,10 +45,77 @@ class DPOTrainConfig:
     epochs: int = 2  # the reference log-probs are computed once and reused by every epoch
     batch_size: int = 16  # pairs per step (each pair is two sequences)
     beta: float = 0.1  # DPO-ST's beta (Wang et al., ACL 2024)
-    nll_weight: float = 1.0  # weight of the NLL term on chosen; 0 disables it (plain DPO)
+    nll_weight: float = 1.0  # alpha: weight of the length-normalised NLL term on chosen; 0 disables it (plain DPO)
     warmup_steps: int = 10
     max_length: int = 512  # prompt + completion tokens; longer sequences are truncated at the end
     seed: int = 0
+
+
+def weighted_dpo_nll_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                          weights, *, beta: float, alpha: float):
+    """sum w * (DPO loss + alpha * NLL(chosen) / |chosen|) / sum w, per pair; zero when every weight is zero.
+
+    Log-probs are summed over each completion's tokens; `chosen_lengths` counts them.
+    """
+    import torch.nn.functional as F
+
+    margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    per_pair = -F.logsigmoid(beta * margin) - alpha * chosen_logps / chosen_lengths
+    return (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _weighted_dpo_trainer():
+    """DPOTrainer with `weighted_dpo_nll_loss`: the pairs' `weight` column rides along in every batch."""
+    import torch
+    from trl import DPOTrainer
+
+    class WeightedDPOTrainer(DPOTrainer):
+        def __init__(self, *args, nll_weight: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.nll_weight = nll_weight
+            collate = self.data_collator
+
+            def collate_with_weights(examples):
+                batch = collate(examples)
+                batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
+                return batch
+
+            self.data_collator = collate_with_weights
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "weight" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "weight"]
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "weight"})
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                            use_cache=False, fused_lm_head=True)
+            shift_mask = mask[..., 1:]
+            # The same per-token log-probs (zero outside the completion) TRL sums for the reference.
+            logps = outputs.log_probs[:, -shift_mask.size(1):].sum(dim=1)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+            chosen_lengths = shift_mask.chunk(2, dim=0)[0].sum(dim=1).clamp_min(1)
+            loss = weighted_dpo_nll_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
+                                         inputs["ref_rejected_logps"], chosen_lengths, inputs["weight"],
+                                         beta=self.beta, alpha=self.nll_weight)
+            mode = "train" if model.training else "eval"
+            chosen_rewards = self.beta * (chosen_logps - inputs["ref_chosen_logps"]).detach()
+            rejected_rewards = self.beta * (rejected_logps - inputs["ref_rejected_logps"]).detach()
+            metrics = self._metrics[mode]
+            metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+            metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+            metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+            metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+            metrics["nll/chosen"].append((-chosen_logps / chosen_lengths).mean().item())
+            metrics["weight"].append(inputs["weight"].mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return WeightedDPOTrainer
 
 
 def _last_epoch_mean(history: list[dict], key: str) -> float | None:
@@ -59,19 +132,18 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     """Train `model_dir` with DPO (+ NLL) on `pairs`, save into `out_dir`; returns the training summary."""
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     if not pairs:
         raise ValueError(f"DPO needs preference pairs; got none (model {model_dir})")
-    weighted = sum(p.get("weight", 1.0) != 1.0 for p in pairs)
-    if weighted:
-        raise ValueError(f"{weighted} of {len(pairs)} pairs have a weight other than 1.0; plain DPO would ignore it")
+    negative = [p["pair_id"] for p in pairs if p.get("weight", 1.0) < 0]
+    if negative:
+        raise ValueError(f"{len(negative)} pairs have a negative weight (first: {negative[0]})")
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    # The NLL term is TRL's "sft" loss: mean token NLL of the chosen completions, added with its weight.
-    losses = [("sigmoid", 1.0)] + ([("sft", config.nll_weight)] if config.nll_weight else [])
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                                  "weight": float(p.get("weight", 1.0))} for p in pairs])
     steps_per_epoch = -(-len(pairs) // config.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(
@@ -81,8 +153,7 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             learning_rate=config.learning_rate,
             warmup_steps=config.warmup_steps,
             beta=config.beta,
-            loss_type=[name for name, _ in losses],
-            loss_weights=[weight for _, weight in losses],
+            loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
             max_length=config.max_length,
             precompute_ref_log_probs=True,  # reference = the starting model, scored once, not kept in memory
             logging_steps=max(1, steps_per_epoch // 4),
@@ -90,7 +161,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             data_seed=config.seed,
             **cpu_safe_settings(),
         )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                          nll_weight=config.nll_weight)
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started

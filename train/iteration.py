@@ -17,6 +17,15 @@ Recipes (params.yaml `recipe`):
   rounds.
 - `sft` (the gold-only control): more SFT on gold from the previous model, for
   the same number of optimizer steps. A recipe's gain counts only beyond it.
+- `scpo` (Prasad et al., 2024): weighted DPO + NLL from the previous model
+  (also the reference) on vote pairs; that model is the iteration's model.
+  No gold is read and there is no SFT step.
+- `scpo_semi`: the same training on ScPO's semi-supervised pairs (gold pairs
+  where a problem has a gold answer, vote pairs where not).
+
+A recipe that trains on pairs checks that the pairs file was made by its pair
+rule (the rows' `recipe`), so `recipe: scpo` on DPO-ST pairs is an error that
+says which params to set, not a silent mix.
 
 Every table the step makes (second-round samples, labels, kept, dropped) is
 written under `--work`, so each training example traces to its sample row.
@@ -33,7 +42,11 @@ import pyarrow as pa
 
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
-RECIPES = ("dpo_st", "self_train", "sft")
+RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi")
+# The pair rule (params `pairs.recipe`) each pair-trained recipe needs.
+PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi"}
+# Recipes whose model is the DPO model itself: no second round of sampling, no SFT.
+DPO_ONLY = ("scpo", "scpo_semi")
 # The second round of sampling draws its noise from another stream than `sample@k`
 # (otherwise, from the same model, `self_train` would redraw the very same samples).
 SECOND_ROUND_SEED_OFFSET = 1_000_003
@@ -59,6 +72,20 @@ def check_recipe(recipe: str) -> str:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     return recipe
+
+
+def read_pairs_for(recipe: str, pairs_path: str) -> list[dict]:
+    """The pairs `recipe` trains on, refusing a file made by another pair rule."""
+    from factory.lineage import read_table
+
+    if recipe not in PAIR_RULES:
+        return []
+    pairs = read_table(pairs_path, "pairs").to_pylist()
+    rules = sorted({p["recipe"] for p in pairs})
+    if rules and rules != [PAIR_RULES[recipe]]:
+        raise ValueError(f"{pairs_path}: recipe {recipe!r} trains on {PAIR_RULES[recipe]!r} pairs, but the file holds "
+                         f"{', '.join(repr(r) for r in rules)} pairs: set params pairs.recipe: {PAIR_RULES[recipe]}")
+    return pairs
 
 
 def self_training_examples(problems: list[dict], kept: list[dict], labels: list[dict]) -> list[dict]:
@@ -113,6 +140,32 @@ def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, 
         labels.to_pylist()
 
 
+DPO_METRICS = ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")
+
+
+def _dpo_only(*, pairs: list[dict], pairs_path: str, prev_dir: str, out: Path, parent: str, recipe: str,
+              dpo_config) -> dict:
+    """ScPO's step: the weighted DPO + NLL model is the iteration's model (the previous one, unchanged, if no pairs)."""
+    from factory.lineage import write_model_lineage
+    from factory.params import as_dict
+
+    metrics: dict = {"skipped": "no pairs", "pairs": 0}
+    if pairs:
+        from train.dpo import main as dpo_main
+
+        dpo = dpo_main(pairs=pairs, model_dir=prev_dir, out_dir=out, config=dpo_config)
+        metrics = {k: dpo[k] for k in DPO_METRICS} | {
+            "mean_weight": round(sum(p["weight"] for p in pairs) / len(pairs), 4)}
+    else:
+        from factory.modeling import load_model
+        from train.common import save_model_atomically
+
+        save_model_atomically(*load_model(prev_dir), out)
+    record = write_model_lineage(out, stage=f"train:{recipe}", parent=parent, data={"pairs": pairs_path},
+                                 params={"recipe": recipe, "dpo": as_dict(dpo_config)}, metrics=metrics)
+    return {"dpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
+
+
 def train_iteration(
     *,
     recipe: str,
@@ -143,18 +196,21 @@ def train_iteration(
     data = {"problems": problems_path}
 
     sample_from = Path(prev_dir)
-    pairs = read_table(pairs_path, "pairs").to_pylist() if recipe == "dpo_st" else []
-    if recipe == "dpo_st" and not pairs:
-        # A model too weak to get any problem right makes no pairs: say so, and self-train from it.
-        print(f"train: {pairs_path} has no pairs; DPO skipped, the second round samples {prev_dir}", flush=True)
+    pairs = read_pairs_for(recipe, pairs_path)
+    if recipe in PAIR_RULES and not pairs:
+        # A model too weak to get any problem right makes no pairs: say so rather than crash.
+        print(f"train: {pairs_path} has no pairs; DPO skipped", flush=True)
         summary["dpo"] = {"skipped": "no pairs", "pairs": 0}
+    if recipe in DPO_ONLY:
+        return summary | _dpo_only(pairs=pairs, pairs_path=pairs_path, prev_dir=prev_dir, out=out,
+                                   parent=summary["prev_model"], recipe=recipe, dpo_config=dpo_config)
     if pairs:
         from train.dpo import main as dpo_main
 
         # Trained beside `out` and moved into `out/dpo` at the end: saving the final model replaces `out`.
         dpo_dir = out.with_name(f".{out.name}.dpo")
         dpo = dpo_main(pairs=pairs, model_dir=prev_dir, out_dir=dpo_dir, config=dpo_config)
-        dpo_metrics = {k: dpo[k] for k in ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")}
+        dpo_metrics = {k: dpo[k] for k in DPO_METRICS}
         record = write_model_lineage(dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": pairs_path},
                                      params={"dpo": as_dict(dpo_config)}, metrics=dpo_metrics)
         summary["dpo"] = {**dpo_metrics, "model_id": record["model_id"]}

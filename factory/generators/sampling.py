@@ -29,8 +29,8 @@ class SamplingConfig(DecodingConfig):
     temperature: float = 0.7  # DPO-ST samples at T=0.7
     n: int = 5
     seed: int = 0
-    split: str = "answers"  # the pool sampled by `factory sample`
-    limit: int = 0  # sample only the first `limit` problems of the split (0: all)
+    split: str = "answers"  # the pool sampled by `factory sample`; several joined by "+" (answers+unlabeled)
+    limit: int = 0  # sample only the first `limit` problems of each split (0: all)
     shard_size: int = 64  # problems per checkpointed shard
 
     def request_params(self) -> dict:
@@ -88,6 +88,22 @@ def sample_rationales(
     return rows
 
 
+def problems_to_sample(problems: list[dict], config: SamplingConfig, *, source: str = "<problems>") -> list[dict]:
+    """The first `config.limit` problems (0: all) of each split named in `config.split`, split by split.
+
+    >>> rows = [{"split": s, "problem_id": f"{s}-{i}"} for s in ("answers", "unlabeled") for i in range(3)]
+    >>> [p["problem_id"] for p in problems_to_sample(rows, SamplingConfig(split="unlabeled+answers", limit=2))]
+    ['unlabeled-0', 'unlabeled-1', 'answers-0', 'answers-1']
+    """
+    chosen = []
+    for split in config.split.split("+"):
+        pool = [p for p in problems if p["split"] == split]
+        if not pool:
+            raise ValueError(f"{source}: no problems in split {split!r}")
+        chosen += pool[: config.limit] if config.limit else pool
+    return chosen
+
+
 def sample_to_file(
     *, model_dir: str, problems_path: str, out: str, config: SamplingConfig, iteration: int,
     shard_dir: Path | None = None,
@@ -98,11 +114,7 @@ def sample_to_file(
     finished shards and writes exactly the bytes an uninterrupted run writes.
     Shards go to `shard_dir` (default: beside `out`). Returns the number of rows written.
     """
-    problems = [p for p in read_table(problems_path, "problems").to_pylist() if p["split"] == config.split]
-    if not problems:
-        raise ValueError(f"{problems_path}: no problems in split {config.split!r}")
-    if config.limit:
-        problems = problems[: config.limit]
+    problems = problems_to_sample(read_table(problems_path, "problems").to_pylist(), config, source=problems_path)
     mid = model_id_of(model_dir)
     # Batch and shard sizes change no row; the shard size still keys the checkpoints it cut.
     params = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "shard_size")}
