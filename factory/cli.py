@@ -113,7 +113,7 @@ def cmd_warmup(args) -> None:
 
 
 def cmd_train(args) -> None:
-    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi.
+    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo.
 
     Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo` and `self_train`.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
     p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
-    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi (default: params `recipe`)")
+    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo (default: params `recipe`)")
     p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--prev", required=True, help="previous iteration's model folder")

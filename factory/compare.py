@@ -29,8 +29,9 @@ SEEDED_SECTIONS = ("sample", "dpo", "self_train")
 # What a recipe sets besides `recipe`: its pair rule and the problems it samples. Every recipe draws the same
 # samples per iteration: dpo_st and self_train 500 x 4 in `sample@k` plus a second round of 500 x 4; ScPO has
 # no second round, so it draws its 4,000 as 8 votes on each of 500 unlabeled problems (the semi-supervised
-# variant: 250 with gold answers and 250 without).
+# variant: 250 with gold answers and 250 without; `dpo`, its supervised counterpart, 8 on 500 with gold).
 RECIPE_SETTINGS = {
+    "dpo": ("sample.n=8",),
     "scpo": ("pairs.recipe=scpo", "sample.split=unlabeled", "sample.n=8"),
     "scpo_semi": ("pairs.recipe=scpo_semi", "sample.split=answers+unlabeled", "sample.limit=250", "sample.n=8"),
 }
@@ -71,6 +72,9 @@ def run_experiments(recipes: list[str], seeds: list[int], *, out: str | Path,
                     print(f"compare: {recipe} seed {seed} already in {out}", flush=True)
                     continue
                 command = experiment_command(recipe, seed)
+                # Each run starts from the workspace's params: `dvc exp run` leaves the last run's -S values there.
+                if "params.yaml" in saved:
+                    Path("params.yaml").write_bytes(saved["params.yaml"])
                 print("$ " + " ".join(command), flush=True)
                 subprocess.run(command, check=True)
                 results[recipe][seed] = json.loads(Path(flywheel).read_text())

@@ -123,6 +123,12 @@ def test_scpo_model_is_the_weighted_dpo_model_of_the_previous_one(project):
     assert lineage["model_id"] == summary["model_id"] == model_id(project / "model_scpo") != lineage["parent"]
 
 
+def test_dpo_is_scpo_training_on_gold_pairs(project):
+    summary = train(project, "dpo")
+    assert "sft" not in summary and summary["dpo"]["pairs"] == pq.read_metadata(project / "pairs.parquet").num_rows
+    assert read_model_lineage(project / "model_dpo")["stage"] == "train:dpo"
+
+
 def test_scpo_refuses_pairs_of_another_rule_and_keeps_the_model_without_pairs(project, capsys):
     argv = lambda pairs, out: ["train", "--recipe", "scpo", "--iteration", "1", "--problems",  # noqa: E731
                                str(project / "problems.parquet"), "--prev", str(project / "prev"), "--base",

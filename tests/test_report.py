@@ -100,6 +100,7 @@ def test_scpo_experiments_set_their_pair_rule_and_sample_unlabeled_problems_at_t
     assert settings("scpo")[:4] == ["recipe=scpo", "pairs.recipe=scpo", "sample.split=unlabeled", "sample.n=8"]
     semi = settings("scpo_semi")
     assert "pairs.recipe=scpo_semi" in semi and "sample.split=answers+unlabeled" in semi
+    assert settings("dpo")[:2] == ["recipe=dpo", "sample.n=8"]  # gold pairs (dpo_st rule), ScPO's training
     # The default's budget: dpo_st's two rounds of limit x n equal ScPO's one round of limit x 8.
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     sample, second = params["sample"], params["self_train"]

@@ -22,6 +22,8 @@ Recipes (params.yaml `recipe`):
   No gold is read and there is no SFT step.
 - `scpo_semi`: the same training on ScPO's semi-supervised pairs (gold pairs
   where a problem has a gold answer, vote pairs where not).
+- `dpo`: the same training on gold pairs (the `dpo_st` rule): ScPO's supervised
+  counterpart (IRPO-style), which tells what the votes cost against gold labels.
 
 A recipe that trains on pairs checks that the pairs file was made by its pair
 rule (the rows' `recipe`), so `recipe: scpo` on DPO-ST pairs is an error that
@@ -42,11 +44,11 @@ import pyarrow as pa
 
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
-RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi")
+RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo")
 # The pair rule (params `pairs.recipe`) each pair-trained recipe needs.
-PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi"}
+PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi", "dpo": "dpo_st"}
 # Recipes whose model is the DPO model itself: no second round of sampling, no SFT.
-DPO_ONLY = ("scpo", "scpo_semi")
+DPO_ONLY = ("scpo", "scpo_semi", "dpo")
 # The second round of sampling draws its noise from another stream than `sample@k`
 # (otherwise, from the same model, `self_train` would redraw the very same samples).
 SECOND_ROUND_SEED_OFFSET = 1_000_003
