@@ -105,3 +105,25 @@ def test_scpo_experiments_set_their_pair_rule_and_sample_unlabeled_problems_at_t
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     sample, second = params["sample"], params["self_train"]
     assert sample["limit"] * (sample["n"] + second["n"]) == sample["limit"] * 8 == 2 * 250 * 8
+
+
+def test_each_experiment_starts_from_the_workspace_params(tmp_path, monkeypatch):
+    """`dvc exp run` leaves its -S values in params.yaml; the next recipe must not inherit them."""
+    from factory import compare
+
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("recipe: dpo_st\npairs: {recipe: dpo_st}\n")
+    Path("dvc.yaml").write_text("stages: {}\n")
+    seen = []
+
+    def fake_run(command, check=False):
+        if command[:3] == ["dvc", "exp", "run"]:
+            seen.append(Path("params.yaml").read_text())
+            Path("params.yaml").write_text("recipe: scpo\npairs: {recipe: scpo}\n")  # what an experiment leaves
+            Path("metrics").mkdir(exist_ok=True)
+            Path("metrics/flywheel.json").write_text(json.dumps({"iter_0": {"test": 0.2}}))
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    results = compare.run_experiments(["scpo", "dpo_st"], [0], out=tmp_path / "compare.json")
+    assert seen == ["recipe: dpo_st\npairs: {recipe: dpo_st}\n"] * 2
+    assert Path("params.yaml").read_text() == seen[0] and set(results) == {"scpo", "dpo_st"}
