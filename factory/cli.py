@@ -232,16 +232,16 @@ def cmd_label(args) -> None:
     labels = label_samples(samples, problems, samples_source=str(args.samples), labelers=labelers)
     record, inputs = {"labelers": list(labelers)}, {"samples": args.samples, "problems": args.problems}
     write_table(labels, args.out, kind="labels", stage="label", params=record, inputs=inputs)
+    votes = vote_table(labels) if "vote" in labelers else None
     if args.votes:
-        write_table(vote_table(labels), args.votes, kind="votes", stage="label", params=record,
-                    inputs=inputs)
+        write_table(votes, args.votes, kind="votes", stage="label", params=record, inputs=inputs)
     statuses = labels.column("answer_status").value_counts().to_pylist()
     summary = ", ".join(f"{s['values']} {s['counts']}" for s in sorted(statuses, key=lambda s: s["values"]))
     wrong = sum(labels.column("calc_wrong").to_pylist())
     if args.summary:
         from factory.io import write_json
 
-        write_json(args.summary, label_summary(labels))
+        write_json(args.summary, label_summary(labels, votes))
     print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
 
 

@@ -191,9 +191,7 @@ def train_iteration(
 
     check_recipe(recipe)
     work_dir, out = Path(work), Path(out_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    problems = read_table(problems_path, "problems").to_pylist()
-    dev = dev_problems(problems, self_train.dev_split)
+    work_dir.mkdir(parents=True, exist_ok=True)  # a stage output for every recipe, empty for DPO-only ones
     summary: dict = {"recipe": recipe, "iteration": iteration, "prev_model": model_id(prev_dir)}
     data = {"problems": problems_path}
 
@@ -219,6 +217,7 @@ def train_iteration(
         data["pairs"] = pairs_path
         sample_from = dpo_dir
 
+    problems = read_table(problems_path, "problems").to_pylist()
     if recipe == "sft":
         examples = gold_examples(problems)
         init = prev_dir
@@ -233,6 +232,7 @@ def train_iteration(
         data["self_train_examples"] = str(work_dir / "kept.parquet")
         init = base_dir if self_train.init == "base" else prev_dir
 
+    dev = dev_problems(problems, self_train.dev_split)
     sft = train_sft(model_dir=init, examples=examples, dev=dev, out_dir=out, config=self_train,
                     max_steps=self_train.steps, score_every_steps=self_train.score_every)
     if pairs:  # the DPO model stays with the final one, traceable from its lineage

@@ -55,8 +55,11 @@ def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str 
     return validate(labels, "labels", source=samples_source)
 
 
-def label_summary(labels: pa.Table) -> dict:
-    """Counts per answer status, how many problems got at least one correct sample (pass@n), and the vote."""
+def label_summary(labels: pa.Table, votes: pa.Table | None = None) -> dict:
+    """Counts per answer status, how many problems got at least one correct sample (pass@n), and the vote.
+
+    `votes` is `vote_table(labels)` when the caller has it already.
+    """
     statuses: dict[str, int] = {}
     for status in labels.column("answer_status").to_pylist():
         statuses[status] = statuses.get(status, 0) + 1
@@ -73,8 +76,10 @@ def label_summary(labels: pa.Table) -> dict:
         "solved_fraction": round(solved / len(problems), 4) if problems else 0.0,
         "calc_wrong": sum(labels.column("calc_wrong").to_pylist()),
     }
-    if "vote_count" in labels.column_names and labels.column("vote_count").null_count < labels.num_rows:
-        summary["vote"] = vote_summary(vote_table(labels))
+    if votes is None and "vote_count" in labels.column_names and labels.column("vote_count").null_count < labels.num_rows:
+        votes = vote_table(labels)
+    if votes is not None:
+        summary["vote"] = vote_summary(votes)
     return summary
 
 
