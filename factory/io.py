@@ -12,8 +12,10 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class InputError(ValueError):
@@ -62,6 +64,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def _column(path: Path, name: str, values: list) -> pa.Array:
     """One JSONL field as an Arrow column; a value whose type disagrees with the rest is named."""
+    import pyarrow as pa
+
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -77,6 +81,8 @@ def _column(path: Path, name: str, values: list) -> pa.Array:
 
 def read_rows_table(path: str | Path) -> pa.Table:
     """A Parquet file, or a JSONL file as a table (columns from the union of keys)."""
+    import pyarrow as pa
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")

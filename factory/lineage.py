@@ -5,7 +5,11 @@ producing stage, its params, the fingerprints of its inputs, the model that
 generated its rows (if any) and the code version. A model directory carries
 `lineage.json`: its model_id (a hash of its weights), parent model, training
 data fingerprints, params and metrics. Nothing time-dependent is recorded, so
-the same params and seed give the same bytes and DVC's cache hits.
+the same params and seed give the same bytes and DVC's cache hits. DVC's own
+record of each output (`dvc.lock`: stage, command, md5) is read here too.
+
+pyarrow is imported only by the functions that write or read tables, so the
+fast commands (audit, lineage) read provenance through DuckDB without it.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from factory import __version__
 from factory.ids import canonical_json, content_id, file_fingerprint
 from factory.io import atomic_path, write_json
-from factory.schema import validate
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 METADATA_KEY = b"factory"
 MODEL_LINEAGE_FILE = "lineage.json"
@@ -54,6 +59,10 @@ def write_table(
     model_id: str | None = None,
 ) -> Path:
     """Validate `table` as `kind`, attach provenance, write it atomically as Parquet."""
+    import pyarrow.parquet as pq
+
+    from factory.schema import validate
+
     path = Path(path)
     table = validate(table, kind, source=str(path))
     provenance = {
@@ -74,15 +83,60 @@ def write_table(
 
 
 def read_table(path: str | Path, kind: str | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from factory.schema import validate
+
     table = pq.read_table(path)
     return validate(table, kind, source=str(path)) if kind else table
 
 
 def read_provenance(path: str | Path) -> dict | None:
     """The provenance written by `write_table`, or None for a file factory did not write."""
-    metadata = pq.read_schema(path).metadata or {}
-    raw = metadata.get(METADATA_KEY)
-    return json.loads(raw) if raw else None
+    return read_provenances([path])[str(path)]
+
+
+def read_provenances(paths: list[str | Path]) -> dict[str, dict | None]:
+    """Provenance of many Parquet files in one DuckDB scan of their footers (keyed by str(path))."""
+    if not paths:
+        return {}
+    import duckdb
+
+    rows = duckdb.connect().execute(
+        "SELECT file_name, value FROM parquet_kv_metadata(?) WHERE key = ?",
+        [[str(p) for p in paths], METADATA_KEY]).fetchall()
+    found = {name: json.loads(value) for name, value in rows}
+    return {str(p): found.get(str(p)) for p in paths}
+
+
+def dvc_lock_outputs(root: str | Path = ".") -> dict[str, dict]:
+    """Every output recorded in `root/dvc.lock`: path -> stage, md5, command and the stage's params.
+
+    Empty when the project has no lock file (a table made outside DVC).
+    """
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    outputs = {}
+    for stage, entry in stages.items():
+        params = {key: value for file_params in (entry.get("params") or {}).values()
+                  for key, value in file_params.items()}
+        for out in entry.get("outs", []):
+            outputs[out["path"]] = {"stage": stage, "md5": out.get("md5"), "cmd": entry.get("cmd"),
+                                    "params": params}
+    return outputs
+
+
+def dvc_lock_entry(path: str, outputs: dict[str, dict]) -> dict | None:
+    """The dvc.lock record of `path`, or of the output folder that contains it."""
+    candidate = Path(path)
+    for folder in (candidate, *candidate.parents):
+        if folder.as_posix() in outputs:
+            return {"out": folder.as_posix()} | outputs[folder.as_posix()]
+    return None
 
 
 def model_id(model: str | Path) -> str:
