@@ -21,12 +21,13 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import duckdb
 
-PROVENANCE_KEY = "factory"  # the key factory.lineage writes into every Parquet file's metadata
+from factory.lineage import MODEL_LINEAGE_FILE, read_model_lineage, read_provenances
+
 _ITERATION = re.compile(r"(?:^|/)iter_(\d+)(?:/|$)")
 # Recipes whose pairs are judged against gold answers (scpo_semi: where the problem has one).
 GOLD_RECIPES = ("dpo_st", "dpo", "scpo_semi")
@@ -35,6 +36,10 @@ FORMATS = ("table", "csv", "json")
 
 class AuditError(ValueError):
     """An audit query or check cannot run; the message names the query or check file."""
+
+
+class GateFailed(AuditError):
+    """An audit check returned rows: the message names each failed check and its offending ids."""
 
 
 @dataclass(frozen=True)
@@ -67,19 +72,27 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def discover(root: str | Path = ".", data_dir: str = "data", iterations: Iterable[int] | None = None) -> list[TableFile]:
-    """Every visible Parquet file under `root/data_dir`, with its provenance and view name.
+def discover(
+    root: str | Path = ".",
+    data_dir: str = "data",
+    iterations: Iterable[int] | None = None,
+    paths: Sequence[str | Path] | None = None,
+) -> list[TableFile]:
+    """Every visible Parquet file under `root/data_dir` (or just `paths`), with its provenance and view name.
 
     With `iterations`, only files of those iterations and files outside any iteration (problems).
     """
     root = Path(root)
-    paths = sorted(p for p in (root / data_dir).rglob("*.parquet") if _visible(p, root))
+    if paths is not None:
+        missing = [str(p) for p in paths if not (root / p).is_file()]
+        if missing:
+            raise AuditError(f"no such table file(s): {', '.join(missing)}")
+        paths = sorted(root / p for p in paths)
+    else:
+        paths = sorted(p for p in (root / data_dir).rglob("*.parquet") if _visible(p, root))
     if not paths:
         return []
-    con = duckdb.connect()
-    metadata = dict(con.execute(
-        "SELECT file_name, value FROM parquet_kv_metadata(?) WHERE key = ?",
-        [[str(p) for p in paths], PROVENANCE_KEY]).fetchall())
+    provenances = read_provenances(paths)
     wanted = None if iterations is None else set(iterations)
     found = []
     for path in paths:
@@ -87,8 +100,7 @@ def discover(root: str | Path = ".", data_dir: str = "data", iterations: Iterabl
         iteration = iteration_of(relative)
         if wanted is not None and iteration is not None and iteration not in wanted:
             continue
-        raw = metadata.get(str(path))
-        provenance = json.loads(raw) if raw else None
+        provenance = provenances[str(path)]
         found.append(TableFile(relative, _view_for(relative, provenance), iteration, provenance))
     return found
 
@@ -97,10 +109,10 @@ def model_records(root: str | Path = ".", models_dir: str = "models") -> list[di
     """One row per model folder holding a lineage.json (nested parts as JSON text)."""
     root = Path(root)
     rows = []
-    for path in sorted((root / models_dir).rglob("lineage.json")):
+    for path in sorted((root / models_dir).rglob(MODEL_LINEAGE_FILE)):
         if not _visible(path, root):
             continue
-        record = json.loads(path.read_text())
+        record = read_model_lineage(path.parent)
         folder = path.parent.relative_to(root).as_posix()
         rows.append({
             "model_id": record.get("model_id"),
@@ -152,15 +164,17 @@ def catalog(
     data_dir: str = "data",
     models_dir: str = "models",
     iterations: Iterable[int] | None = None,
+    paths: Sequence[str | Path] | None = None,
     variables: dict[str, object] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per table (see the module docstring).
 
+    `paths` limits the tables to those files (a DVC stage sees only its deps).
     `variables` become DuckDB variables (`getvariable('name')`), so checks read
     their thresholds from params.
     """
     root = Path(root)
-    files = discover(root, data_dir, iterations)
+    files = discover(root, data_dir, iterations, paths)
     con = duckdb.connect()
     con.execute(_MACROS)
     by_view: dict[str, list[TableFile]] = {}
@@ -257,6 +271,23 @@ def write_rows(columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table"
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """params `audit`: where the checks are and the thresholds they read (as DuckDB variables)."""
+
+    checks: str = "audits"
+    ngram: int = 8  # decontamination: word n-grams compared
+    max_ngram_overlap: float = 0.8  # share of a test question's n-grams found in a training problem
+    max_length_ratio: float = 1.5  # length bias: mean words of one side over the other's
+    max_longer_share: float = 0.9  # length bias: share of pairs in which the same side is longer
+    min_pairs_for_bias: int = 20  # fewer pairs say nothing about bias
+    variables: dict = field(default_factory=dict)  # thresholds of users' own checks
+
+    def as_variables(self, test_splits: Sequence[str]) -> dict[str, object]:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("checks", "variables")}
+        return known | {"test_splits": list(test_splits)} | dict(self.variables)
+
+
+@dataclass(frozen=True)
 class Check:
     """One invariant: a SQL query that returns the rows violating it (none: it holds)."""
 
@@ -276,11 +307,12 @@ class CheckResult:
     def passed(self) -> bool:
         return not self.rows
 
-    def offending_ids(self, limit: int = 10) -> list[str]:
-        """The first column's values of the violating rows: checks put the offending id first."""
-        return [str(row[0]) for row in self.rows[:limit]]
+    def offending_ids(self) -> list[str]:
+        """The distinct first-column values of the violating rows: checks put the offending id first."""
+        return list(dict.fromkeys(str(row[0]) for row in self.rows))
 
     def summary(self, limit: int = 20) -> dict:
+        """For the gate's report: the check, its count and its first rows."""
         return {"path": self.check.path, "description": self.check.description, "violations": len(self.rows),
                 "rows": records(self.columns, self.rows[:limit])}
 
@@ -314,8 +346,9 @@ def failure_message(results: Sequence[CheckResult]) -> str:
     for result in results:
         if result.passed:
             continue
-        ids = ", ".join(result.offending_ids())
-        more = f" (and {len(result.rows) - 10} more)" if len(result.rows) > 10 else ""
+        offending = result.offending_ids()
+        ids = ", ".join(offending[:10])
+        more = f" (and {len(offending) - 10} more)" if len(offending) > 10 else ""
         parts.append(f"audit check {result.check.name!r} failed ({result.check.path}): {len(result.rows)} violating "
                      f"row(s); {result.columns[0] if result.columns else 'id'}: {ids}{more}\n"
                      f"  {result.check.description}\n"

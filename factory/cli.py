@@ -296,7 +296,7 @@ def cmd_pairs(args) -> None:
     """
     from factory.ids import content_hash
     from factory.io import read_rows_table, write_json
-    from factory.lineage import read_table, write_table
+    from factory.lineage import model_id, read_table, write_table
     from factory.pairs import PairsConfig, check_inputs, make_pairs, with_recipe
     from factory.params import as_dict, section
     from factory.schema import from_rows
@@ -325,7 +325,7 @@ def cmd_pairs(args) -> None:
               "prompt_format": content_hash(prompt_for("{question}"))}
     write_table(from_rows(rows, "pairs", source=str(args.out)), args.out, kind="pairs", stage="pairs",
                 params=record, inputs={"problems": args.problems, "samples": args.samples, "labels": args.labels},
-                model_id=None)
+                model_id=model_id(args.model))  # the model whose samples these are (audits/wrong_model.sql checks it)
     if args.summary:
         write_json(args.summary, summary)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items())
@@ -334,9 +334,12 @@ def cmd_pairs(args) -> None:
 
 
 def cmd_report(args) -> None:
-    """Gather every iteration's metrics into one metrics file and one plot file (accuracy per iteration).
+    """Gather every iteration's metrics into one metrics file and one plot file, and optionally an HTML page.
 
-    Example: factory report --metrics metrics/iterations --out metrics/flywheel.json --plot metrics/flywheel_plot.json
+    The HTML page is self-contained (inline SVG plots, no network): accuracy per iteration (and per recipe
+    from `factory compare` files), pair yield, vote share vs correctness, chosen vs rejected lengths,
+    pair and answer-status tables and the audit gates' results.
+    Example: factory report --metrics metrics/iterations --out metrics/flywheel.json --plot metrics/flywheel_plot.json --html metrics/report.html --compare bench/results/compare-scpo-2seeds.json
     """
     from factory.io import write_json
     from factory.report import flywheel_report, format_table
@@ -349,6 +352,17 @@ def cmd_report(args) -> None:
     if args.plot:
         write_json(args.plot, rows)
     print(format_table(rows))
+    if args.html:
+        from factory.html_report import write_html_report
+
+        write_html_report(args.html, root=args.root, metrics_dir=args.metrics, params=params,
+                          compare_files=args.compare or ())
+        print(f"{args.html}: run report")
+    if args.screenshot:
+        from factory.browser import screenshot
+
+        screenshot(args.html, args.screenshot)
+        print(f"{args.screenshot}: the report as Chromium renders it")
 
 
 def cmd_compare(args) -> None:
@@ -368,6 +382,88 @@ def cmd_compare(args) -> None:
     write_json(args.out, {"baseline": baseline_key(), "runs": results, "summary": summaries})
     for split in summaries:
         print(format_summary(summaries[split]) + "\n")
+
+
+def cmd_audit(args) -> None:
+    """Query every table of every iteration with DuckDB SQL.
+
+    Views: problems, samples, labels, kept, pairs, votes, dropped, eval (each with `iteration` and `file`),
+    models (one row per model folder) and files (one row per table file, with its provenance).
+    Example: factory audit "SELECT iteration, count(*) AS pairs FROM pairs GROUP BY ALL ORDER BY 1"
+    More:
+      factory audit "SELECT iteration, avg((NOT majority_correct)::INT) FROM votes WHERE top_answer IS NOT NULL GROUP BY 1"
+      factory audit --format json "SELECT s.model_id FROM pairs p JOIN samples s ON s.sample_id = p.rejected_sample_id WHERE p.pair_id = 'pair-…'"
+    """
+    from factory.audit import catalog, query, write_rows
+
+    con = catalog(args.root, iterations=args.iteration or None)
+    columns, rows = query(con, args.sql)
+    write_rows(columns, rows, args.format)
+
+
+def cmd_gate(args) -> None:
+    """Run the audit checks (SQL files returning violating rows) on one iteration's tables; fail if any returns rows.
+
+    Thresholds come from params `audit` (DuckDB variables, e.g. getvariable('max_length_ratio')) and the
+    test splits from params `eval.splits`.
+    Example: factory gate data/problems.parquet data/iter_1/samples.parquet data/iter_1/labels.parquet data/iter_1/pairs.parquet --out metrics/iterations/iter_1/audit.json
+    """
+    from factory.audit import AuditConfig, GateFailed, catalog, failure_message, load_checks, run_checks
+    from factory.io import write_json
+    from factory.params import section
+
+    params = _params(args)
+    config = section(params, "audit", AuditConfig, path=args.params)
+    test_splits = (params.get("eval") or {}).get("splits", ["test", "test_ood"])
+    checks = load_checks(args.checks or config.checks)
+    con = catalog(args.root, paths=args.tables, variables=config.as_variables(test_splits))
+    results = run_checks(con, checks)
+    report = {"passed": all(r.passed for r in results), "checks": {r.check.name: r.summary() for r in results}}
+    if args.out:
+        write_json(args.out, report)
+    for result in results:
+        print(f"{'ok  ' if result.passed else 'FAIL'} {result.check.name}: {len(result.rows)} violating row(s)")
+    if not report["passed"]:
+        raise GateFailed(failure_message(results))
+
+
+def cmd_lineage(args) -> None:
+    """Print the ancestry of a pair, sample, problem or model id, or of a table file.
+
+    Back to the warm-up and the base model: the problem, the samples, the model that generated them, that
+    model's training data and parent, each file with its stage, params and dvc.lock entry.
+    Example: factory lineage pair-0078309ae8295f55
+    """
+    import json
+
+    from factory.trace import format_tree, trace
+
+    node = trace(args.id, args.root)
+    print(json.dumps(node.as_dict(), indent=2, ensure_ascii=False, default=str) if args.json else format_tree(node))
+
+
+def cmd_export(args) -> None:
+    """Write a Hub-ready dataset folder: Parquet per table and split, a dataset card with lineage, lineage.json.
+
+    `datasets.load_dataset(DIR)` loads the pairs; `load_dataset(DIR, "samples")` another table.
+    Example: factory export hub/ && python -c "import datasets; print(datasets.load_dataset('hub'))"
+    """
+    from factory.export import DEFAULT_TABLES, export_dataset
+
+    tables = args.tables.split(",") if args.tables else DEFAULT_TABLES
+    lineage = export_dataset(args.dir, root=args.root, tables=tables, iterations=args.iteration or None)
+    counts = ", ".join(f"{s['config']}/{s['split']} {s['rows']}" for s in lineage.get("splits", []))
+    print(f"{args.dir}: {counts}")
+
+
+def cmd_push(args) -> None:
+    """Upload an exported folder as a Hub dataset (token from HF_TOKEN or `hf auth login`; never printed).
+
+    Example: factory push my-name/factory-dpo-st --dir hub/   (after: factory export hub/)
+    """
+    from factory.export import push_dataset
+
+    print(push_dataset(args.dir, args.repo_id, private=args.private, revision=args.revision))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,12 +564,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, help="folder holding iter_K/ metrics folders")
     p.add_argument("--out", required=True, help="metrics JSON to write (one entry per iteration)")
     p.add_argument("--plot", help="also write one row per iteration for dvc plots")
+    p.add_argument("--html", help="also write the self-contained HTML run report")
+    p.add_argument("--compare", action="append", help="a `factory compare` JSON to plot in the report (repeatable)")
+    p.add_argument("--screenshot", help="render the HTML report in headless Chromium to this PNG")
+    p.add_argument("--root", default=".", help="project folder holding data/ (for the report's tables)")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `iterations`, `recipe`)")
 
     p = command("compare", cmd_compare, "run recipes over seeds as DVC experiments and compare them")
     p.add_argument("--recipes", default="sft,self_train,dpo_st", help="comma-separated, weakest (control) first")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (sample, dpo and self_train seeds)")
     p.add_argument("--out", default="metrics/compare.json", help="JSON with every run and the summary")
+
+    p = command("audit", cmd_audit, "query every table of every iteration with SQL (DuckDB)")
+    p.add_argument("sql", help="a DuckDB SQL query over the views (see the description)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--iteration", type=int, action="append", help="only these iterations (repeat the flag)")
+    p.add_argument("--root", default=".", help="project folder holding data/ and models/")
+
+    p = command("gate", cmd_gate, "run the audit checks on tables and fail when an invariant breaks")
+    p.add_argument("tables", nargs="+", help="the table files the checks see (a DVC stage's deps)")
+    p.add_argument("--checks", help="folder of *.sql checks (default: params audit.checks)")
+    p.add_argument("--out", help="write each check's result as JSON")
+    p.add_argument("--root", default=".", help="project folder the table paths are relative to")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `audit` and `eval.splits`)")
+
+    p = command("lineage", cmd_lineage, "print the ancestry of a pair, sample, problem, model or table file")
+    p.add_argument("id", help="pair-…, s-…, p-…, m-… or a table file path")
+    p.add_argument("--json", action="store_true", help="print the ancestry as JSON")
+    p.add_argument("--root", default=".", help="project folder holding data/, models/ and dvc.lock")
+
+    p = command("export", cmd_export, "write a Hub-ready dataset folder with a card naming every split's lineage")
+    p.add_argument("dir", help="folder to write (replaced if it is an earlier export)")
+    p.add_argument("--tables", help="comma-separated tables (default: problems,samples,labels,pairs,votes,dropped)")
+    p.add_argument("--iteration", type=int, action="append", help="only these iterations (repeat the flag)")
+    p.add_argument("--root", default=".", help="project folder holding data/, models/ and dvc.lock")
+
+    p = command("push", cmd_push, "upload an exported folder to the Hugging Face Hub as a dataset")
+    p.add_argument("repo_id", help="the dataset repo, e.g. my-name/factory-dpo-st")
+    p.add_argument("--dir", required=True, help="the folder `factory export` wrote")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="a branch to upload to (created if missing)")
     return parser
 
 

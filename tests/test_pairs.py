@@ -10,7 +10,7 @@ import pytest
 from factory import pairs as pairs_module
 from factory import text as text_module
 from factory.cli import main
-from factory.lineage import read_provenance, read_table, write_table
+from factory.lineage import model_id, read_provenance, read_table, write_table
 from factory.pairs import RECIPES, PairsConfig, dpo_st_pairs, make_pairs
 from factory.schema import from_rows
 from factory.text import jaccard, word_set
@@ -239,7 +239,8 @@ def test_cli_writes_pairs_with_provenance_and_summary(cli_inputs, capsys):
     expected, _ = run(*make_rows())
     assert [r["pair_id"] for r in rows] == [r["pair_id"] for r in expected]
     provenance = read_provenance(out)
-    assert provenance["stage"] == "pairs" and provenance["model_id"] is None
+    # The model whose samples these are: audits/wrong_model.sql checks every side against it.
+    assert provenance["stage"] == "pairs" and provenance["model_id"] == model_id(argv[argv.index("--model") + 1])
     assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True,
                                                  "min_vote_share": 0.5}
     assert set(provenance["inputs"]) == {"problems", "samples", "labels"}
