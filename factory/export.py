@@ -1,0 +1,579 @@
+"""Hub sharing: the project's tables as a Hub dataset folder with a card, and its upload.
+
+`export_dataset` writes one Parquet file per table and split
+(`problems/<split>.parquet` by the problems' own `split` column,
+`<table>/iter_<k>.parquet` per iteration, `<table>/iter_<k>_self_train.parquet`
+for the second round under `data/iter_k/self_train/`), a README.md whose YAML
+front matter declares them as configs (what the Hub viewer and
+`datasets.load_dataset` read) and whose text says where every split came from,
+and lineage.json with the same facts for machines. Everything in the folder is
+published, so it names only paths relative to the project root.
+
+Eval predictions are opt-in (`tables=(..., "eval")`): they are model outputs on
+the test splits, and a default export that people train on wholesale should not
+carry test-set generations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from factory.audit import TableFile, catalog, discover, model_records
+from factory.ids import file_fingerprint
+from factory.io import write_json, write_text
+from factory.lineage import dvc_lock_entry, dvc_lock_outputs
+
+DEFAULT_TABLES = ("problems", "samples", "labels", "pairs", "votes", "dropped")
+DEFAULT_CONFIG = "pairs"
+EXPORT_MARKER = "factory.export"  # in lineage.json: the folder is an export, safe to replace
+DEFAULT_TEST_SPLITS = ("test", "test_ood")  # when params.yaml has no eval.splits
+HUB_SPLIT = re.compile(r"\w+(\.\w+)*")
+_ITER_FOLDER = re.compile(r"iter_\d+")
+_SCP_REMOTE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
+
+TABLE_DESCRIPTIONS = {
+    "problems": "The task: one row per problem, in the split its `split` column names.",
+    "samples": "Rationales sampled with the calculator: `iter_k` from the model iteration k starts from, "
+               "`iter_k_self_train` the recipe's second round of sampling in iteration k.",
+    "kept": "The samples that passed the filters.",
+    "labels": "One row per sample: its final answer, the answer's status against gold, calculator checks and votes.",
+    "votes": "One row per sampled problem: the majority vote over its samples' final answers.",
+    "pairs": "Preference pairs for DPO (prompt, chosen, rejected, weight); a null `chosen_sample_id` marks the "
+             "gold rationale.",
+    "dropped": "Every row a filter removed, with the filter, the reason and the whole row as JSON.",
+    "eval": "Each iteration's model's predictions on the test splits (`iter_k`: the model of iteration k).",
+}
+PROBLEM_SPLITS = {
+    "train": "gold rationales (the warm-up's SFT data)",
+    "dev": "model selection",
+    "answers": "final answers only: the sampling pool",
+    "unlabeled": "questions only",
+    "test": "held-out evaluation",
+    "test_ood": "held-out evaluation, longer problems than training",
+}
+
+
+class ExportError(ValueError):
+    """The export or upload cannot proceed; the message says what to change."""
+
+
+@dataclass
+class Split:
+    """One exported Parquet file and where its rows came from."""
+
+    config: str
+    name: str
+    source: TableFile
+    where: str = ""  # SQL filter on the source (problems: its split)
+    rows: int = 0
+    models: list[str] = field(default_factory=list)  # the models whose generations the rows are or derive from
+    traced: bool = False  # models found through the inputs' fingerprints, not the file's own model_id
+    dvc: dict | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.config}/{self.name}.parquet"
+
+
+def export_dataset(
+    out_dir: str | Path,
+    *,
+    root: str | Path = ".",
+    tables: Sequence[str] = DEFAULT_TABLES,
+    iterations: Iterable[int] | None = None,
+    decontamination: dict | None = None,
+) -> dict:
+    """Write the Hub dataset folder `out_dir` (see the module docstring); returns what lineage.json holds.
+
+    `decontamination` is a report to publish as is; without it, one is computed
+    from the problems (word n-grams shared with test questions, as the audit does).
+    """
+    root = Path(root)
+    out = Path(out_dir).absolute()
+    _check_replaceable(out)
+    files = discover(root, iterations=iterations)
+    by_view: dict[str, list[TableFile]] = {}
+    for table_file in files:
+        if table_file.view:
+            by_view.setdefault(table_file.view, []).append(table_file)
+    missing = [t for t in tables if t not in by_view]
+    if missing:
+        raise ExportError(f"no {', '.join(missing)} table under {root / 'data'}; "
+                          f"tables found: {', '.join(sorted(by_view)) or 'none'}")
+    params = _load_params(root)
+    git = _git_facts(root)  # before anything is written: a new folder inside the repo would read as dirty
+    con = catalog(root, iterations=iterations)
+    splits = _plan_splits(con, root, tables, by_view)
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for split in splits:
+            split.rows = _copy(con, root, by_view[split.config], split, staging / split.path)
+            if not split.rows:  # datasets cannot load an empty split: leave it out and say so
+                (staging / split.path).unlink()
+        empty = [s for s in splits if not s.rows]
+        splits = [s for s in splits if s.rows]
+        _trace(root, splits, files)
+        if decontamination is None:
+            decontamination = _decontamination(con, params)
+        models = _ancestry(root)
+        lineage = json.loads(_scrub(json.dumps(_lineage(splits, empty, models, params, git, decontamination, con)),
+                                  root))
+        write_json(staging / "lineage.json", lineage)
+        write_text(staging / "README.md", _scrub(_card(splits, models, lineage, staging), root))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return lineage
+
+
+def push_dataset(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload an exported folder as the Hub dataset `repo_id`; returns its URL. The token is never shown."""
+    import huggingface_hub
+
+    folder = Path(folder)
+    if not (folder / "README.md").is_file() or not (folder / "lineage.json").is_file():
+        raise ExportError(f"{folder}: not an export (no README.md and lineage.json); run the export first")
+    token = token or huggingface_hub.get_token()  # HF_TOKEN, else the token `hf auth login` saved
+    if not token:
+        raise ExportError("no Hugging Face token: set HF_TOKEN to a write token "
+                          "(https://huggingface.co/settings/tokens) or log in with `hf auth login`")
+    git = json.loads((folder / "lineage.json").read_text()).get("git") or {}
+    message = f"factory export at {(git.get('revision') or 'an unversioned tree')[:12]}"
+    if git.get("dirty"):
+        message += " (with uncommitted changes)"
+    api = huggingface_hub.HfApi(token=token)
+    url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+    if revision:
+        api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", revision=revision,
+                      commit_message=message)
+    return f"{url}/tree/{revision}" if revision else url
+
+
+def _split_name(table_file: TableFile) -> str:
+    """`iter_<k>` plus any subfolder below it (`iter_1_self_train`); outside iterations, the file's first name part."""
+    parts = PurePosixPath(table_file.path).parts
+    if table_file.iteration is None:
+        return _hub_name(parts[-1].split(".")[0])
+    at = max(i for i, part in enumerate(parts) if _ITER_FOLDER.fullmatch(part))
+    return _hub_name("_".join((f"iter_{table_file.iteration}", *parts[at + 1:-1])))
+
+
+def _hub_name(name: str) -> str:
+    """A Hub split name (`\\w+(\\.\\w+)*`): any other run of characters becomes '_'."""
+    cleaned = re.sub(r"\W+", "_", name).strip("_")
+    if not HUB_SPLIT.fullmatch(cleaned):
+        raise ExportError(f"cannot make a Hub split name of {name!r}")
+    return cleaned
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an empty folder or an earlier export may be replaced: the export deletes what was there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    marker = out / "lineage.json"
+    previous = json.loads(marker.read_text()).get("exported_by") if marker.is_file() else None
+    if any(out.iterdir()) and previous != EXPORT_MARKER:
+        raise ExportError(f"{out}: not empty and not an earlier export; choose a new or empty folder")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _plan_splits(con, root: Path, tables: Sequence[str], by_view: dict[str, list[TableFile]]) -> list[Split]:
+    """One Split per table and split name; two files claiming one split name is an error."""
+    splits: dict[tuple[str, str], Split] = {}
+    for table in tables:
+        for table_file in by_view[table]:
+            if table == "problems":
+                location = _quote(str(root / table_file.path))
+                values = [row[0] for row in con.execute(  # in the table's own order (train, dev, ...)
+                    f"SELECT split FROM read_parquet({location}, file_row_number = true) "
+                    "GROUP BY split ORDER BY min(file_row_number)").fetchall()]
+                planned = [Split(table, _hub_name(v), table_file, f"split = {_quote(v)}") for v in values]
+            else:
+                planned = [Split(table, _split_name(table_file), table_file)]
+            for split in planned:
+                if (table, split.name) in splits:
+                    raise ExportError(f"{table}: {splits[table, split.name].source.path} and {table_file.path} "
+                                      f"would both be split {split.name!r}")
+                splits[table, split.name] = split
+    return list(splits.values())
+
+
+def _copy(con, root: Path, members: list[TableFile], split: Split, target: Path) -> int:
+    """COPY the split's rows to `target`; the columns are the union over the table's files, so every split
+    of a config has one schema (datasets reads the features from the first file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(_quote(str(root / m.path)) for m in members)
+    conditions = [f"filename = {_quote(str(root / split.source.path))}"] + ([split.where] if split.where else [])
+    return con.execute(
+        f"COPY (SELECT * EXCLUDE (filename) FROM read_parquet([{sources}], union_by_name = true, filename = true) "
+        f"WHERE {' AND '.join(conditions)}) TO {_quote(str(target))} (FORMAT parquet, COMPRESSION zstd)"
+    ).fetchone()[0]
+
+
+def _trace(root: Path, splits: list[Split], files: list[TableFile]) -> None:
+    """Each split's models and dvc.lock record.
+
+    A table computed without a model (labels, votes, pairs, dropped) gets the
+    models of the generated rows it derives from: its inputs, found by the
+    fingerprints its provenance records.
+    """
+    by_fingerprint = {file_fingerprint(root / f.path): f for f in files}
+    outputs = dvc_lock_outputs(root)
+    for split in splits:
+        seen, todo, models = {split.source.path}, [split.source], set()
+        while todo:
+            provenance = todo.pop().provenance or {}
+            if provenance.get("model_id"):
+                models.add(provenance["model_id"])
+                continue
+            for fingerprint in provenance.get("inputs", {}).values():
+                upstream = by_fingerprint.get(fingerprint)
+                if upstream and upstream.path not in seen:
+                    seen.add(upstream.path)
+                    todo.append(upstream)
+        split.models = sorted(models)
+        split.traced = bool(models) and not (split.source.provenance or {}).get("model_id")
+        split.dvc = _dvc_record(root, split.source.path, outputs)
+
+
+def _dvc_record(root: Path, path: str, outputs: dict[str, dict]) -> dict | None:
+    """dvc.lock's stage and md5 of a source file; for a file inside an output folder, its md5 from the folder's
+    manifest in the DVC cache (when the cache holds it) and the folder's md5."""
+    entry = dvc_lock_entry(path, outputs)
+    if entry is None:
+        return None
+    record = {"stage": entry["stage"], "out": entry["out"], "md5": entry["md5"]}
+    if entry["out"] != path:
+        record["out_md5"], record["md5"] = entry["md5"], None
+        manifest = root / ".dvc" / "cache" / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]
+        if manifest.is_file():
+            relative = PurePosixPath(path).relative_to(entry["out"]).as_posix()
+            record["md5"] = next((item["md5"] for item in json.loads(manifest.read_text())
+                                  if item["relpath"] == relative), None)
+    if record["md5"]:
+        record["matches"] = hashlib.md5((root / path).read_bytes()).hexdigest() == record["md5"]
+    return record
+
+
+def _ancestry(root: Path) -> dict[str, dict]:
+    """model_id -> its record and `ancestry`: its own folder first, then each parent's, back to the base."""
+    records = {}
+    for record in model_records(root):
+        records.setdefault(record["model_id"], record)
+    models = {}
+    for model_id, record in records.items():
+        chain, current = [], model_id
+        while current and current not in chain:
+            chain.append(current)
+            current = (records.get(current) or {}).get("parent")
+        models[model_id] = {"path": record["path"], "stage": record["stage"], "parent": record["parent"],
+                            "code_version": record["code_version"], "params": json.loads(record["params"]),
+                            "ancestry": chain}
+    return models
+
+
+def _describe_model(model_id: str, models: dict[str, dict]) -> str:
+    record = models.get(model_id)
+    if record is None:
+        return f"`{model_id}`" + ("" if model_id.startswith("hub:") else " (not under models/)")
+    return f"{record['path']} (`{model_id}`, {record['stage']})"
+
+
+def _chain(model_id: str, models: dict[str, dict]) -> str:
+    chain = models[model_id]["ancestry"] if model_id in models else [model_id]
+    return " ← ".join(_describe_model(m, models) for m in chain)
+
+
+def _load_params(root: Path) -> dict:
+    path = root / "params.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip()
+
+
+def public_remote(url: str | None) -> str | None:
+    """A clone URL safe to publish: credentials removed; None for a local path (a machine path)."""
+    if not url:
+        return None
+    if _SCP_REMOTE.match(url):
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http", "ssh", "git") or not parts.hostname:
+        return None
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    if parts.scheme == "ssh" and parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _git_facts(root: Path) -> dict:
+    revision = _git(root, "rev-parse", "HEAD")
+    return {
+        "revision": revision,
+        "dirty": bool(_git(root, "status", "--porcelain")) if revision else None,
+        "remote": public_remote(_git(root, "remote", "get-url", "origin")) if revision else None,
+    }
+
+
+def _regenerate(git: dict) -> str:
+    if not git["revision"]:
+        return "pip install -e . && dvc repro  # in a copy of the project (it was not a git repository)"
+    clone = git["remote"] or "<this repository>"
+    return f"git clone {clone} factory && cd factory && git checkout {git['revision']} && pip install -e . && dvc repro"
+
+
+def _test_splits(params: dict) -> list[str]:
+    return list((params.get("eval") or {}).get("splits") or DEFAULT_TEST_SPLITS)
+
+
+def _decontamination(con, params: dict) -> dict:
+    """How many problems outside the test splits share at least `max_ngram_overlap` of some test question's
+    word n-grams (the thresholds of params `audit`, as audits/decontamination.sql uses them)."""
+    audit = params.get("audit") or {}
+    ngram, threshold = int(audit.get("ngram", 8)), float(audit.get("max_ngram_overlap", 0.8))
+    test_splits = _test_splits(params)
+    report = {"ngram": ngram, "min_overlap": threshold, "test_splits": test_splits}
+    if "problems" not in _views(con):
+        return report | {"summary": "not computed: no problems table"}
+    test_list = "[" + ", ".join(_quote(s) for s in test_splits) + "]"
+    checked, contaminated, by_split = con.execute(f"""
+        WITH grams AS (
+            SELECT problem_id, split, list_contains({test_list}, split) AS is_test,
+                   list_distinct(ngrams(question, {ngram})) AS g
+            FROM problems
+        ),
+        test AS (SELECT problem_id, unnest(g) AS gram, len(g) AS total FROM grams WHERE is_test),
+        train AS (SELECT problem_id, split, unnest(g) AS gram FROM grams WHERE NOT is_test),
+        hits AS (
+            SELECT DISTINCT train.problem_id, any_value(train.split) AS split
+            FROM test JOIN train USING (gram)
+            GROUP BY train.problem_id, test.problem_id
+            HAVING count(*) / any_value(test.total) >= {threshold}
+        )
+        SELECT (SELECT count(*) FROM grams WHERE NOT is_test),
+               (SELECT count(DISTINCT problem_id) FROM hits),
+               (SELECT coalesce(map_from_entries(list((split, n))), MAP {{}})
+                FROM (SELECT split, count(DISTINCT problem_id) AS n FROM hits GROUP BY split))
+    """).fetchone()
+    summary = (f"{contaminated:,} of {checked:,} problems outside the test splits ({', '.join(test_splits)}) share "
+               f"at least {threshold:.0%} of a test question's word {ngram}-grams"
+               + (f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(by_split.items()))})." if by_split else "."))
+    return report | {"checked": checked, "contaminated": contaminated, "contaminated_by_split": dict(by_split),
+                     "summary": summary}
+
+
+def _license(sources: list[str], models: dict[str, dict]) -> tuple[str, str]:
+    """MIT only when nothing third-party went in: the problems are factory's own synthetic `arith` task and
+    every model was trained from scratch here ("tiny"); otherwise the sources' terms decide."""
+    local_models = all(m["params"].get("base_model", "tiny") == "tiny" for m in models.values() if m["stage"] == "base")
+    if sources == ["arith"] and local_models:
+        return "mit", ("The problems are generated by factory's synthetic `arith` task and every text by models "
+                       "trained from scratch on them, all by the MIT-licensed factory code.")
+    return "other", (f"The problems come from {', '.join(sources) or 'unknown sources'}"
+                     + ("" if local_models else " and the samples from a pretrained base model")
+                     + ": their terms apply.")
+
+
+def _lineage(splits: list[Split], empty: list[Split], models: dict[str, dict], params: dict, git: dict,
+             decontamination: dict, con) -> dict:
+    sources = ([row[0] for row in con.execute("SELECT DISTINCT source FROM problems ORDER BY 1").fetchall()]
+               if "problems" in _views(con) else [])
+    license_id, license_reason = _license(sources, models)
+    exported = {s.config for s in splits}
+    used = {m for s in splits for model_id in s.models for m in (models.get(model_id) or {}).get("ancestry", [])}
+    return {
+        "exported_by": EXPORT_MARKER,
+        "git": git,
+        "regenerate": _regenerate(git),
+        "recipe": params.get("recipe"),
+        "params": {k: v for k, v in params.items() if k != "audit" and (k != "eval" or "eval" in exported)},
+        "problem_sources": sources,
+        "license": {"id": license_id, "reason": license_reason},
+        "decontamination": decontamination,
+        "splits": [{
+            "config": s.config, "split": s.name, "path": s.path, "rows": s.rows, "source": s.source.path,
+            "stage": (s.dvc or {}).get("stage") or (s.source.provenance or {}).get("stage"),
+            "code_version": (s.source.provenance or {}).get("code_version"),
+            "models": s.models, "models_traced_through_inputs": s.traced,
+            "dvc_lock": s.dvc, "provenance": s.source.provenance,
+        } for s in splits],
+        "empty": [{"config": s.config, "split": s.name, "source": s.source.path} for s in empty],
+        "models": {model_id: record for model_id, record in models.items() if model_id in used},
+    }
+
+
+def _views(con) -> set[str]:
+    return {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+def _scrub(text: str, root: Path) -> str:
+    """Machine paths out: the project root becomes relative, the home folder '~'."""
+    for path in {str(root.resolve()), str(root.absolute())}:
+        text = text.replace(path + "/", "").replace(path, ".")
+    home = str(Path.home())
+    return text.replace(home, "~") if home != "/" else text
+
+
+def _type_name(data_type) -> str:
+    import pyarrow as pa
+
+    return f"list<{data_type.value_type}>" if pa.types.is_list(data_type) else str(data_type)
+
+
+def _columns(split: Split, folder: Path) -> str:
+    """The table's declared columns and types (factory.schema), then any extra ones its files carry."""
+    import pyarrow.parquet as pq
+
+    from factory.schema import TABLES
+
+    kind = (split.source.provenance or {}).get("table", split.config)
+    declared = list(TABLES[kind]) if kind in TABLES else []
+    names = {f.name for f in declared}
+    extra = [f for f in pq.read_schema(folder / split.path) if f.name not in names]
+    return ", ".join(f"`{f.name}` ({_type_name(f.type)})" for f in declared + extra)
+
+
+def _and(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _card(splits: list[Split], models: dict[str, dict], lineage: dict, folder: Path) -> str:
+    """README.md: the Hub's configs in the front matter, then what, how many, from where, and how to remake it."""
+    configs: dict[str, list[Split]] = {}
+    for split in splits:
+        configs.setdefault(split.config, []).append(split)
+    default = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else next(iter(configs))
+    others = [name for name in configs if name != default]
+    front = {
+        "license": lineage["license"]["id"],
+        "task_categories": ["text-generation"],
+        "tags": ["synthetic", "reasoning", "preference", "dpo"],
+        "configs": [{"config_name": name, **({"default": True} if name == default else {}),
+                     "data_files": [{"split": s.name, "path": s.path} for s in members]}
+                    for name, members in configs.items()],
+    }
+    iterations = sorted({s.source.iteration for s in splits if s.source.iteration is not None})
+    sources = lineage["problem_sources"]
+    problems = ("synthetic GSM8K-format arithmetic word problems (`arith`)" if sources == ["arith"]
+                else "problems from " + (_and([f"`{s}`" for s in sources]) or "the project"))
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        "# factory reasoning data" + (f": recipe `{lineage['recipe']}`" if lineage["recipe"] else ""), "",
+        f"Tables from one run of the factory pipeline (versioned DVC stages writing Parquet) on {problems}"
+        + (f", iteration{'s' if len(iterations) > 1 else ''} {_and([str(i) for i in iterations])}" if iterations
+           else "") + f": {_and([f'`{name}`' for name in configs])}, one config each. Every split names the stage, "
+        "code version and model that made it (Lineage), and how to make it again.", "",
+        "```python", "from datasets import load_dataset", "",
+        f'{default} = load_dataset("<repo_id>")  # the default config',
+        *([f'{others[0]} = load_dataset("<repo_id>", "{others[0]}")'
+           + (f"  # or {', '.join(others[1:])}" if others[1:] else "")] if others else []),
+        "```", "",
+        f"**License:** `{lineage['license']['id']}`. {lineage['license']['reason']}", "",
+        "## Tables", "",
+    ]
+    for name, members in configs.items():
+        lines += [f"### `{name}`" + (" (default)" if name == default else ""), "",
+                  TABLE_DESCRIPTIONS.get(name, ""), "", f"Columns: {_columns(members[0], folder)}.", ""]
+        if name == "problems":
+            lines += ["| split | rows | what |", "|---|---:|---|"]
+            lines += [f"| {s.name} | {s.rows:,} | {PROBLEM_SPLITS.get(s.name, '')} |" for s in members]
+        else:
+            lines += ["| split | rows |", "|---|---:|"] + [f"| {s.name} | {s.rows:,} |" for s in members]
+        lines.append("")
+    if lineage["empty"]:
+        lines += ["Empty, so not exported: " + ", ".join(f"{e['config']}/{e['split']} ({e['source']})"
+                                                         for e in lineage["empty"]) + ".", ""]
+    lines += _lineage_section(splits, models, lineage)
+    if lineage["params"]:
+        lines += ["## Params", "", "<details><summary>The params.yaml sections that shaped these tables</summary>",
+                  "", "```yaml", yaml.dump(lineage["params"], Dumper=_ParamsDumper, sort_keys=False).rstrip(),
+                  "```", "", "</details>", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class _ParamsDumper(yaml.SafeDumper):
+    """Block mappings, flow lists: params.yaml's own look."""
+
+
+_ParamsDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def _lineage_section(splits: list[Split], models: dict[str, dict], lineage: dict) -> list[str]:
+    git = lineage["git"]
+    revision = (f"`{git['revision']}`" + (", with uncommitted changes (dirty)" if git["dirty"] else "")
+                if git["revision"] else "no git revision (the project was not a git repository)")
+    lines = ["## Lineage", "",
+             f"Made at git revision {revision}" + (f", recipe `{lineage['recipe']}`" if lineage["recipe"] else "")
+             + ". Stage: the DVC stage that wrote the source file. Model: the model that generated the rows "
+               "(*: for a computed table, the model of the samples it derives from). md5: the source file's, "
+               "from dvc.lock.", "",
+             "| split | stage | model | code version | source | dvc.lock md5 |",
+             "|---|---|---|---|---|---|"]
+    for split in splits:
+        provenance = split.source.provenance or {}
+        stage = (split.dvc or {}).get("stage") or provenance.get("stage", "—")
+        model = ", ".join(f"`{m}`" + ("*" if split.traced else "") for m in split.models) or "—"
+        lines.append(f"| {split.config}/{split.name} | {stage} | {model} | {provenance.get('code_version', '—')} | "
+                     f"{split.source.path} | {_md5_cell(split.dvc)} |")
+    used = sorted({m for s in splits for m in s.models}, key=lambda m: (models.get(m) or {}).get("path", m))
+    if used:
+        lines += ["", "The models, each with its ancestry (← parent):", ""]
+        lines += [f"- {_chain(m, models)}" for m in used]
+    lines += ["", "### Reproduce", "", "```bash", lineage["regenerate"], "```", "",
+              "`dvc repro` writes dvc.lock with the md5 of every file it makes: compare them with the table above "
+              "(other hardware or library versions may change the bytes)."]
+    if git["dirty"]:
+        lines.append("\nThe run's workspace had uncommitted changes, so that revision's code may differ from the "
+                     "code versions above.")
+    differing = sorted({s.source.path for s in splits if (s.dvc or {}).get("matches") is False})
+    if differing:
+        lines.append(f"\n**Warning:** {_and(differing)} differ{'s' if len(differing) == 1 else ''} from "
+                     "dvc.lock's record: not what that revision's pipeline wrote.")
+    decontamination = lineage["decontamination"]
+    lines += ["", "### Decontamination", "",
+              decontamination.get("summary") or "\n".join(f"- {k}: {v}" for k, v in decontamination.items()), ""]
+    return lines
+
+
+def _md5_cell(record: dict | None) -> str:
+    if record is None:
+        return "—"
+    if record["md5"] is None:
+        return f"in folder {record['out']} (`{record['out_md5']}`)"
+    return f"`{record['md5']}`" + ("" if record.get("matches", True) else " (differs from the file)")
