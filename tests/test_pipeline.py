@@ -30,7 +30,7 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", root)
     shutil.copytree(ROOT / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     # Stages list code folders as deps; link them so DVC can hash them.
-    for name in ("factory", "train"):
+    for name in ("factory", "train", "audits"):
         (root / name).symlink_to(ROOT / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["recipe"] = "dpo_st"  # whatever the workspace holds (a `dvc exp run` may be switching it)
@@ -53,7 +53,7 @@ def project(tmp_path_factory):
     return root
 
 
-ITERATION_STAGES = ("sample", "label", "filter", "pairs", "train", "eval")
+ITERATION_STAGES = ("sample", "label", "filter", "pairs", "audit", "train", "eval")
 
 
 def test_repro_runs_every_stage_then_nothing(project):
@@ -77,6 +77,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     second = run(["dvc", "repro"], project)
     assert "Running stage" not in second
     assert "up to date" in run(["dvc", "status"], project)
+    assert json.loads((project / "metrics" / "iterations" / "iter_1" / "audit.json").read_text())["passed"]
 
 
 def test_every_pair_traces_to_samples_of_the_previous_iterations_model(project):
@@ -124,3 +125,16 @@ def test_changing_an_eval_knob_reruns_only_eval(project):
     out = run(["dvc", "repro"], project)
     assert "Running stage 'warmup_eval'" in out and "Running stage 'eval@2'" in out
     assert "Running stage 'warmup'" not in out and "Running stage 'train@1'" not in out
+
+
+def test_a_broken_invariant_fails_the_audit_stage_and_training_waits(project):
+    """Tightened to "no length difference at all", the length-bias check fails on any real pairs."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["audit"] |= {"max_length_ratio": 1.0, "max_longer_share": 0.0, "min_pairs_for_bias": 1}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "audit check 'length_bias' failed (" in output and "iteration 1" in output
+    assert "Running stage 'train@1'" not in output
