@@ -128,7 +128,8 @@ def model_records(root: str | Path = ".", models_dir: str = "models") -> list[di
     return rows
 
 
-def _quote(text: str) -> str:
+def sql_literal(text: str) -> str:
+    """`text` as a SQL string literal (file paths and names go into DuckDB table functions)."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -137,9 +138,9 @@ def _view_sql(root: Path, files: Sequence[TableFile]) -> str:
     con = duckdb.connect()
     parts = []
     for table_file in files:
-        location = _quote(str(root / table_file.path))
+        location = sql_literal(str(root / table_file.path))
         columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet({location})").fetchall()]
-        extra = [f"{_quote(table_file.path)} AS file"]
+        extra = [f"{sql_literal(table_file.path)} AS file"]
         if "iteration" not in columns:
             extra.insert(0, f"CAST({table_file.iteration if table_file.iteration is not None else 'NULL'} AS INTEGER)"
                             " AS iteration")
@@ -154,7 +155,7 @@ CREATE MACRO words(text) AS
 CREATE MACRO ngrams(text, n) AS  -- the one-element list binds words(text) once (a macro argument is re-evaluated per use)
     list_transform([words(text)], lambda ws: list_transform(range(1, greatest(len(ws) - n + 2, 1)),
                                                             lambda i: array_to_string(list_slice(ws, i, i + n - 1), ' ')))[1];
-CREATE MACRO gold_recipe(recipe) AS recipe IN ({", ".join(_quote(r) for r in GOLD_RECIPES)});
+CREATE MACRO gold_recipe(recipe) AS recipe IN ({", ".join(sql_literal(r) for r in GOLD_RECIPES)});
 """
 
 

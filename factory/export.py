@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from factory.audit import TableFile, catalog, discover, model_records
+from factory.audit import TableFile, catalog, discover, model_records, sql_literal, views
 from factory.ids import file_fingerprint
 from factory.io import write_json, write_text
 from factory.lineage import dvc_lock_entry, dvc_lock_outputs
@@ -202,21 +202,17 @@ def _check_replaceable(out: Path) -> None:
         raise ExportError(f"{out}: not empty and not an earlier export; choose a new or empty folder")
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _plan_splits(con, root: Path, tables: Sequence[str], by_view: dict[str, list[TableFile]]) -> list[Split]:
     """One Split per table and split name; two files claiming one split name is an error."""
     splits: dict[tuple[str, str], Split] = {}
     for table in tables:
         for table_file in by_view[table]:
             if table == "problems":
-                location = _quote(str(root / table_file.path))
+                location = sql_literal(str(root / table_file.path))
                 values = [row[0] for row in con.execute(  # in the table's own order (train, dev, ...)
                     f"SELECT split FROM read_parquet({location}, file_row_number = true) "
                     "GROUP BY split ORDER BY min(file_row_number)").fetchall()]
-                planned = [Split(table, _hub_name(v), table_file, f"split = {_quote(v)}") for v in values]
+                planned = [Split(table, _hub_name(v), table_file, f"split = {sql_literal(v)}") for v in values]
             else:
                 planned = [Split(table, _split_name(table_file), table_file)]
             for split in planned:
@@ -231,11 +227,11 @@ def _copy(con, root: Path, members: list[TableFile], split: Split, target: Path)
     """COPY the split's rows to `target`; the columns are the union over the table's files, so every split
     of a config has one schema (datasets reads the features from the first file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    sources = ", ".join(_quote(str(root / m.path)) for m in members)
-    conditions = [f"filename = {_quote(str(root / split.source.path))}"] + ([split.where] if split.where else [])
+    sources = ", ".join(sql_literal(str(root / m.path)) for m in members)
+    conditions = [f"filename = {sql_literal(str(root / split.source.path))}"] + ([split.where] if split.where else [])
     return con.execute(
         f"COPY (SELECT * EXCLUDE (filename) FROM read_parquet([{sources}], union_by_name = true, filename = true) "
-        f"WHERE {' AND '.join(conditions)}) TO {_quote(str(target))} (FORMAT parquet, COMPRESSION zstd)"
+        f"WHERE {' AND '.join(conditions)}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
     ).fetchone()[0]
 
 
@@ -368,9 +364,9 @@ def _decontamination(con, params: dict) -> dict:
     ngram, threshold = int(audit.get("ngram", 8)), float(audit.get("max_ngram_overlap", 0.8))
     test_splits = _test_splits(params)
     report = {"ngram": ngram, "min_overlap": threshold, "test_splits": test_splits}
-    if "problems" not in _views(con):
+    if "problems" not in views(con):
         return report | {"summary": "not computed: no problems table"}
-    test_list = "[" + ", ".join(_quote(s) for s in test_splits) + "]"
+    test_list = "[" + ", ".join(sql_literal(s) for s in test_splits) + "]"
     checked, contaminated, by_split = con.execute(f"""
         WITH grams AS (
             SELECT problem_id, split, list_contains({test_list}, split) AS is_test,
@@ -412,7 +408,7 @@ def _license(sources: list[str], models: dict[str, dict]) -> tuple[str, str]:
 def _lineage(splits: list[Split], empty: list[Split], models: dict[str, dict], params: dict, git: dict,
              decontamination: dict, con) -> dict:
     sources = ([row[0] for row in con.execute("SELECT DISTINCT source FROM problems ORDER BY 1").fetchall()]
-               if "problems" in _views(con) else [])
+               if "problems" in views(con) else [])
     license_id, license_reason = _license(sources, models)
     exported = {s.config for s in splits}
     used = {m for s in splits for model_id in s.models for m in (models.get(model_id) or {}).get("ancestry", [])}
@@ -435,10 +431,6 @@ def _lineage(splits: list[Split], empty: list[Split], models: dict[str, dict], p
         "empty": [{"config": s.config, "split": s.name, "source": s.source.path} for s in empty],
         "models": {model_id: record for model_id, record in models.items() if model_id in used},
     }
-
-
-def _views(con) -> set[str]:
-    return {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
 def _scrub(text: str, root: Path) -> str:
