@@ -119,19 +119,22 @@ def cmd_train(args) -> None:
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
     from factory.filters import FilterConfig
-    from factory.generators.sampling import SamplingConfig
+    from factory.generators.sampling import SamplingConfig, check_backend
     from factory.io import write_json
     from factory.params import section
     from train.dpo import DPOTrainConfig
-    from train.iteration import SelfTrainConfig, check_recipe, train_iteration
+    from train.iteration import DPO_ONLY, SelfTrainConfig, check_recipe, train_iteration
 
     params = _params(args)
     recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
+    sampling = section(params, "sample", SamplingConfig, path=args.params)
+    if recipe not in (*DPO_ONLY, "sft"):  # a second round of sampling follows DPO: fail before DPO, not after
+        check_backend(sampling)
     summary = train_iteration(
         recipe=recipe, iteration=args.iteration, problems_path=args.problems, prev_dir=args.prev,
         base_dir=args.base, pairs_path=args.pairs, samples_path=args.samples, labels_path=args.labels,
         work=args.work, out_dir=args.out,
-        sampling=section(params, "sample", SamplingConfig, path=args.params),
+        sampling=sampling,
         filter_config=section(params, "filter", FilterConfig, path=args.params),
         dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
         self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
@@ -276,7 +279,7 @@ def cmd_filter(args) -> None:
 def cmd_sample(args) -> None:
     """Sample N rationales per problem from a model, with the calculator, in resumable shards.
 
-    Params come from the `sample` section (n, temperature, split, limit, ...).
+    Params come from the `sample` section (n, temperature, split, limit, backend: hf | vllm, ...).
     Example: factory sample --model models/iter_0 --problems data/problems.parquet --iteration 1 --out data/iter_1/samples.parquet
     """
     from factory.generators.sampling import SamplingConfig, sample_to_file

@@ -106,3 +106,27 @@ def test_prompts_and_seeds_must_align(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         generate(model, tokenizer, ["a", "b"], [0], DecodingConfig(), show_progress=False)
+
+
+def test_doctests():
+    import doctest
+
+    from factory.generators import decoding
+
+    result = doctest.testmod(decoding)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_counter_noise_is_a_uniform_pure_function_of_seed_step_and_token():
+    from factory.generators.decoding import counter_uniform
+
+    seeds = torch.tensor([0, 1, 2**62 + 12345, 7])
+    noise = counter_uniform(seeds, 3, 50_000)
+    assert torch.equal(noise, counter_uniform(seeds, 3, 50_000))
+    assert torch.equal(noise[2:3], counter_uniform(seeds[2:3], 3, 50_000))  # other rows do not matter
+    assert not torch.equal(noise, counter_uniform(seeds, 4, 50_000))
+    assert len({tuple(row[:8].tolist()) for row in noise}) == 4
+    assert 0 < noise.min() and noise.max() < 1
+    counts = torch.histc(noise.float(), bins=10, min=0, max=1)
+    expected = noise.numel() / 10
+    assert ((counts - expected) ** 2 / expected).sum() < 30  # chi-square, 9 degrees of freedom

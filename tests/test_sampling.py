@@ -19,6 +19,8 @@ def test_samples_are_valid_rows_with_request_ids(tiny_model):
     assert [(r["problem_id"], r["sample_index"]) for r in rows] == [
         ("p-a", 0), ("p-a", 1), ("p-a", 2), ("p-b", 0), ("p-b", 1), ("p-b", 2)]
     assert len({r["sample_id"] for r in rows}) == 6
+    # Pinned: the HF backend's ids did not move when the backend became a setting.
+    assert rows[0]["sample_id"] == "s-04e0512c33716aaf" and {r["generator"] for r in rows} == {"hf"}
     assert {(r["model_id"], r["iteration"], r["seed"], r["temperature"], r["calculator"]) for r in rows} == {
         ("m-test", 1, 7, 1.0, True)}
     assert all(r["n_tokens"] <= 12 and r["finish_reason"] in {"stop", "length"} for r in rows)

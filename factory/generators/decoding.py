@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # A finished final-answer line: generation may stop once it is written.
-_FINAL_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
+FINAL_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,46 +52,73 @@ class Completion:
     forced_tokens: int  # tokens written by the calculator
 
 
-class _Row:
-    """Per-row decoding state: text so far, the calculator's queued tokens."""
+def calculator_completion(text: str, handled_eq: int = -1) -> tuple[int, str | None]:
+    """If `text` ends inside `<<expr=…`: the index of that `=`, and the result's unwritten rest plus `>>`.
 
-    __slots__ = ("text", "forced", "n_forced", "handled_eq", "ids", "done", "reason")
+    Returns (handled_eq, None) when there is nothing to force: no open
+    annotation, its `=` already handled, an expression the calculator refuses,
+    or a result the model has already contradicted.
 
-    def __init__(self, prompt: str) -> None:
-        self.text = prompt  # followed for calculator markers only; completions are decoded from ids
+    >>> calculator_completion("She has <<12+7=")
+    (14, '19>>')
+    >>> calculator_completion("She has <<12+7=1")  # a token holding "=1" wrote the result's first digit
+    (14, '9>>')
+    >>> calculator_completion("She has <<12+7=19>> 19 and 2=")
+    (-1, None)
+    """
+    opened = text.rfind("<<")
+    if opened < 0 or text.rfind(">>") > opened:
+        return handled_eq, None
+    eq = text.find("=", opened + 2)
+    if eq < 0 or eq <= handled_eq:
+        return handled_eq, None
+    result = calculator_result(text[opened + 2 : eq])
+    if result is None:
+        return eq, None
+    written, target = text[eq + 1 :], result + ">>"
+    return eq, target[len(written) :] if target.startswith(written) else None
+
+
+class _CalculatorState:
+    """One row's calculator bookkeeping: the `=` already handled and the result tokens still to force."""
+
+    __slots__ = ("forced", "n_forced", "handled_eq")
+
+    def __init__(self) -> None:
         self.forced: deque[int] = deque()
         self.n_forced = 0
         self.handled_eq = -1
-        self.ids: list[int] = []
-        self.done = False
-        self.reason = "length"
 
-    def queue_calculator(self, encode) -> None:
-        """If the text ends inside `<<expr=…`, queue the result's remaining characters and `>>`."""
-        text = self.text
-        opened = text.rfind("<<")
-        if opened < 0 or text.rfind(">>") > opened:
-            return
-        eq = text.find("=", opened + 2)
-        if eq < 0 or eq <= self.handled_eq:
-            return
-        self.handled_eq = eq
-        result = calculator_result(text[opened + 2 : eq])
-        if result is None:
-            return
-        written, target = text[eq + 1 :], result + ">>"
-        # A tokenizer that merges "=" with digits may already have written part of the result.
-        if target.startswith(written):
-            self.forced.extend(encode(target[len(written) :]))
+    def queue_result(self, text: str, encode) -> None:
+        """If `text` ends inside `<<expr=…`, queue the result's remaining characters and `>>`."""
+        self.handled_eq, suffix = calculator_completion(text, self.handled_eq)
+        if suffix:
+            self.forced.extend(encode(suffix))
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The text of each token id alone; used to follow rows' text without decoding every step."""
+    """The text of each token id alone; used to rebuild rows' text without decoding every step."""
     cached = getattr(tokenizer, "_factory_token_texts", None)
     if cached is None:
         cached = [tokenizer.decode([i]) for i in range(len(tokenizer))]
         tokenizer._factory_token_texts = cached
     return cached
+
+
+def _watched_tokens(tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], vocab: int) -> torch.Tensor:
+    """Which token ids need the host's attention when written: EOS, `=` (calculator) and newlines (final line)."""
+    import torch
+
+    key = (vocab, tuple(sorted(eos_ids)))
+    cached = getattr(tokenizer, "_factory_watched_tokens", {})
+    if key not in cached:
+        watched = torch.zeros(vocab, dtype=torch.bool)
+        for token, piece in enumerate(token_texts(tokenizer)[:vocab]):
+            watched[token] = "=" in piece or "\n" in piece
+        watched[[t for t in eos_ids if t < vocab]] = True
+        cached[key] = watched
+        tokenizer._factory_watched_tokens = cached
+    return cached[key]
 
 
 def _filtered_logits(logits: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
@@ -110,88 +137,209 @@ def _filtered_logits(logits: torch.Tensor, config: DecodingConfig) -> torch.Tens
     return logits
 
 
-def _choose(logits: torch.Tensor, generators: list, active: list[int], config: DecodingConfig) -> torch.Tensor:
-    """Greedy argmax, or Gumbel-max sampling with each row's own noise generator."""
+def _int64(value: int) -> int:
+    """`value` wrapped to a signed 64-bit integer (torch has no uint64 arithmetic)."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+# splitmix64's constants
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's `>>` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Uniform noise in (0, 1) for each (row seed, step, token id): a pure function of the three.
+
+    A counter-based generator (splitmix64's mixer over the counter), computed for
+    the whole batch in a few tensor ops: a row's noise does not depend on the
+    other rows of its batch, so batching, resuming and dropping finished rows
+    leave every row's sample unchanged, without a generator object per row.
+    """
+    import torch
+
+    tokens = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    x = seeds[:, None] * _MIX2 + _int64((step + 1) * _GOLDEN) + tokens[None, :] * _MIX1
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 11).double() + 0.5) * 2.0**-53
+
+
+def _choose(logits: torch.Tensor, seeds: torch.Tensor, step: int, config: DecodingConfig) -> torch.Tensor:
+    """Greedy argmax, or Gumbel-max sampling with each row's counter-based noise."""
     import torch
 
     if config.temperature <= 0:
         return logits.argmax(-1)
     filtered = _filtered_logits(logits, config)
-    uniform = torch.full_like(filtered, 0.5)
-    for row in active:
-        uniform[row] = torch.rand(filtered.shape[-1], generator=generators[row])
-    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-10, 1 - 1e-10)))
-    return (filtered + gumbel).argmax(-1)
+    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, filtered.shape[-1])))
+    return (filtered + gumbel.float()).argmax(-1)
+
+
+def _preallocated_layer(capacity: int):
+    """A KV-cache layer that writes into buffers sized for the whole decode instead of concatenating each step."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            batch, heads, _, dim = key_states.shape
+            self.key_buffer = key_states.new_zeros((batch, heads, capacity, dim))
+            self.value_buffer = value_states.new_zeros((batch, heads, capacity, dim))
+            self.length = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Move the kept rows' filled part to the front of the same buffers: no new allocation."""
+            if self.is_initialized:
+                kept = len(indices)
+                for name in ("key_buffer", "value_buffer"):
+                    buffer = getattr(self, name)
+                    filled = buffer[indices, :, : self.length]
+                    buffer = buffer[:kept]
+                    buffer[:, :, : self.length] = filled
+                    setattr(self, name, buffer)
+                self.keys = self.key_buffer[:, :, : self.length]
+                self.values = self.value_buffer[:, :, : self.length]
+
+    return PreallocatedLayer
+
+
+def _new_cache(model, capacity: int):
+    """Preallocated full-attention layers; models with other attention kinds keep transformers' own cache."""
+    from transformers import Cache, DynamicCache
+
+    config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if config is not None and (kinds != {"full_attention"} or getattr(config, "sliding_window", None)):
+        return DynamicCache(config=config)
+    return Cache(layer_class_to_replicate=_preallocated_layer(capacity))
 
 
 def _decode_batch(model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids) -> list[Completion]:
+    """Decode one batch. The batch shrinks as rows finish, so late steps run only the rows still writing.
+
+    Per step, the host looks only at rows that wrote a watched token (EOS, `=`,
+    newline) or are being fed calculator results; every other row's step is
+    tensor work.
+    """
     import torch
-    from transformers import DynamicCache
 
     size = len(prompt_ids)
     width = max(map(len, prompt_ids))
+    capacity = width + config.max_new_tokens
     pad = tokenizer.pad_token_id
+    device = model.device
     input_ids = torch.full((size, width), pad, dtype=torch.long)
-    attention = torch.zeros((size, width), dtype=torch.long)
+    attention = torch.ones((size, capacity), dtype=torch.long)
     for row, ids in enumerate(prompt_ids):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention[row, width - len(ids) :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds] if config.temperature > 0 else []
+        attention[row, : width - len(ids)] = 0
+    positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)
+    attention = attention.to(device)
+    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     texts = token_texts(tokenizer)
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    rows = [_Row(prompt) for prompt in prompts]
+    calculators = [_CalculatorState() for _ in prompts]
     if config.calculator:  # a prompt may end inside an annotation (a continued prefix)
-        for row in rows:
-            row.queue_calculator(encode)
-    cache = DynamicCache()
-    device = model.device
+        for prompt, state in zip(prompts, calculators):
+            state.queue_result(prompt, encode)
+    forcing = {row for row, state in enumerate(calculators) if state.forced}  # rows being fed results
+    written = torch.full((size, config.max_new_tokens), pad, dtype=torch.long)  # tokens per input row
+    n_written = [config.max_new_tokens] * size
+    reasons = ["length"] * size
+    live = list(range(size))  # input row of each batch position
+    position_of = {row: row for row in live}
+    finished: list[int] = []  # batch positions done but not yet dropped
+    cache = _new_cache(model, capacity)
     logits = model(
         input_ids=input_ids.to(device),
-        attention_mask=attention.to(device),
+        attention_mask=attention[:, :width],
         position_ids=positions.to(device),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1, :]
-    for _ in range(config.max_new_tokens):
-        active = [i for i, r in enumerate(rows) if not r.done]
-        chosen = _choose(logits, generators, active, config).tolist()
-        for i in active:
-            row = rows[i]
-            if row.forced:
-                chosen[i] = row.forced.popleft()
-                row.n_forced += 1
-            token = chosen[i]
-            row.ids.append(token)
+    positions = positions[:, -1:].to(device)
+    watched = _watched_tokens(tokenizer, eos_ids, logits.shape[-1])
+    done = [False] * size
+
+    def generated_text(row: int, step: int) -> str:
+        return "".join(texts[t] if t < len(texts) else "" for t in written[row, : step + 1].tolist())
+
+    for step in range(config.max_new_tokens):
+        chosen = _choose(logits, row_seeds, step, config).cpu()
+        for row in list(forcing):
+            state = calculators[row]
+            chosen[position_of[row]] = state.forced.popleft()
+            state.n_forced += 1
+            if not state.forced:
+                forcing.discard(row)
+        written[live, step] = chosen
+        attend = watched[chosen].nonzero().flatten().tolist()
+        for position in attend:
+            row, token = live[position], int(chosen[position])
+            state = calculators[row]
+            if done[row]:
+                continue
             if token in eos_ids:
-                row.done, row.reason = True, "stop"
+                finished.append(position)
+                done[row], n_written[row], reasons[row] = True, step + 1, "stop"
+                forcing.discard(row)
                 continue
             piece = texts[token]
-            row.text += piece
-            if config.calculator and not row.forced and "=" in piece:
-                row.queue_calculator(encode)
-            if config.stop_at_final_answer and "\n" in piece and _FINAL_LINE.search(row.text):
-                row.done, row.reason = True, "stop"
-        for i, row in enumerate(rows):
-            if row.done:
-                chosen[i] = pad
-        if all(r.done for r in rows):
+            if (config.calculator and "=" in piece and not state.forced) or (
+                config.stop_at_final_answer and "\n" in piece
+            ):
+                text = generated_text(row, step)
+                if config.calculator and "=" in piece and not state.forced:
+                    state.queue_result(prompts[row] + text, encode)
+                    if state.forced:
+                        forcing.add(row)
+                if config.stop_at_final_answer and "\n" in piece and FINAL_LINE.search(text):
+                    finished.append(position)
+                    done[row], n_written[row], reasons[row] = True, step + 1, "stop"
+                    forcing.discard(row)
+        if len(finished) == len(live) or step + 1 == config.max_new_tokens:
             break
-        attention = torch.cat([attention, torch.ones((size, 1), dtype=torch.long)], dim=-1)
-        positions = positions[:, -1:] + 1
+        if len(finished) * 8 >= len(live):  # drop finished rows once they are an eighth of the batch
+            keep = [p for p, row in enumerate(live) if not done[row]]
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention, row_seeds, positions = attention[index], row_seeds[index], positions[index]
+            chosen = chosen[keep]
+            live = [live[p] for p in keep]
+            position_of = {row: position for position, row in enumerate(live)}
+            finished = []
+        else:
+            chosen[finished] = pad
+        positions = positions + 1
         logits = model(
-            input_ids=torch.tensor(chosen, device=device)[:, None],
-            attention_mask=attention.to(device),
-            position_ids=positions.to(device),
+            input_ids=chosen[:, None].to(device),
+            attention_mask=attention[:, : width + step + 1],
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
         ).logits[:, -1, :]
     completions = []
-    for row in rows:
-        ids = [t for t in row.ids if t not in eos_ids]
+    for row in range(size):
+        ids = [t for t in written[row, : n_written[row]].tolist() if t not in eos_ids]
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        completions.append(Completion(text.rstrip("\n"), len(row.ids), row.reason, row.n_forced))
+        completions.append(Completion(text.rstrip("\n"), n_written[row], reasons[row], calculators[row].n_forced))
     return completions
 
 

@@ -1,9 +1,10 @@
-"""Sample N rationales per problem with the HF backend: rows of the `samples` table.
+"""Sample N rationales per problem with the HF or the vLLM backend: rows of the `samples` table.
 
 Each row's sampling noise is seeded from (seed, problem_id, sample_index), and
 its `sample_id` hashes everything that defines the request (problem, model,
 generator, sampling params, index, seed). The same request is the same row, in
-any batch, on any run: what makes resuming and caching exact.
+any batch, on any run: what makes resuming and caching exact. The generator is
+the backend ("hf" or "vllm"): the two draw different noise from the same seed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from factory.generators import vllm_backend
 from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
 from factory.lineage import model_id as model_id_of
@@ -19,7 +21,7 @@ from factory.modeling import format_prompt, load_model
 from factory.schema import from_rows
 from factory.shards import clear_shards, run_in_shards, shard_dir_for
 
-GENERATOR = "hf"
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,10 +34,19 @@ class SamplingConfig(DecodingConfig):
     split: str = "answers"  # the pool sampled by `factory sample`; several joined by "+" (answers+unlabeled)
     limit: int = 0  # sample only the first `limit` problems of each split (0: all)
     shard_size: int = 64  # problems per checkpointed shard
+    backend: str = "hf"  # hf (transformers, CPU or GPU) | vllm (GPU; pip install 'factory[vllm]')
 
     def request_params(self) -> dict:
         """The decoding settings that change a sample's text (batch size does not)."""
         return {f.name: getattr(self, f.name) for f in fields(DecodingConfig) if f.name != "batch_size"}
+
+
+def check_backend(config: SamplingConfig) -> None:
+    """Fail before any work when the params name an unknown backend or one this machine lacks."""
+    if config.backend not in BACKENDS:
+        raise ValueError(f"sample.backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.backend == "vllm":
+        vllm_backend.require_vllm()
 
 
 def row_seed(seed: int, problem_id: str, sample_index: int) -> int:
@@ -53,25 +64,27 @@ def sample_rationales(
     iteration: int,
     show_progress: bool = True,
 ) -> list[dict]:
-    """`config.n` samples for each problem, as `samples` rows (problem-major, then sample_index)."""
+    """`config.n` samples for each problem, as `samples` rows (problem-major, then sample_index).
+
+    `model` is the HF model, or with `config.backend` "vllm" an engine from `vllm_backend.load_engine`.
+    """
     requests = [(p, index) for p in problems for index in range(config.n)]
     prompts = [format_prompt(tokenizer, p["question"]) for p, _ in requests]
     seeds = [row_seed(config.seed, p["problem_id"], index) for p, index in requests]
-    completions = generate(
-        model, tokenizer, prompts, seeds, config, desc="sample", show_progress=show_progress
-    )
+    decode = vllm_backend.generate if config.backend == "vllm" else generate
+    completions = decode(model, tokenizer, prompts, seeds, config, desc="sample", show_progress=show_progress)
     params = config.request_params()
     rows = []
     for (problem, index), completion in zip(requests, completions):
         rows.append(
             {
                 "sample_id": content_id(
-                    "sample", problem["problem_id"], model_id, GENERATOR, params, config.seed, index
+                    "sample", problem["problem_id"], model_id, config.backend, params, config.seed, index
                 ),
                 "problem_id": problem["problem_id"],
                 "iteration": iteration,
                 "model_id": model_id,
-                "generator": GENERATOR,
+                "generator": config.backend,
                 "parent_sample_id": None,
                 "prefix_steps": None,
                 "sample_index": index,
@@ -114,12 +127,16 @@ def sample_to_file(
     finished shards and writes exactly the bytes an uninterrupted run writes.
     Shards go to `shard_dir` (default: beside `out`). Returns the number of rows written.
     """
+    check_backend(config)
     problems = problems_to_sample(read_table(problems_path, "problems").to_pylist(), config, source=problems_path)
     mid = model_id_of(model_dir)
     # Batch and shard sizes change no row; the shard size still keys the checkpoints it cut.
     params = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "shard_size")}
     fingerprint = content_hash(mid, file_fingerprint(problems_path), params, iteration, config.shard_size)
-    model, tokenizer = load_model(model_dir)
+    if config.backend == "vllm":
+        model, tokenizer = vllm_backend.load_engine(model_dir, seed=config.seed)
+    else:
+        model, tokenizer = load_model(model_dir)
 
     def work(shard: list[dict]) -> list[dict]:
         return sample_rationales(
