@@ -127,6 +127,56 @@ def test_pair_weights_reach_the_trainer(base, pairs, tmp_path):
              out_dir=tmp_path / "bad", config=FAST)
 
 
+def test_reference_log_probs_are_computed_once_before_training(base, pairs, tmp_path, monkeypatch):
+    """One no-grad pass over the pairs before the first step; the epochs reuse it (no reference forward after)."""
+    import torch
+
+    import train.dpo
+
+    forwards = []  # True for a training forward, False for a reference (no-grad) one
+    load = train.dpo.load_model
+
+    def load_and_count(path):
+        model, tokenizer = load(path)
+        model.register_forward_pre_hook(lambda module, args: forwards.append(torch.is_grad_enabled()))
+        return model, tokenizer
+
+    monkeypatch.setattr(train.dpo, "load_model", load_and_count)
+    main(pairs=pairs, model_dir=base[0], out_dir=tmp_path / "dpo", config=FAST)  # 8 pairs, batches of 4, 2 epochs
+    assert forwards == [False] * 2 + [True] * 4
+
+
+def test_completion_log_probs_match_trl_fused_head_and_unpadded_scoring(base, pairs):
+    """The CPU path (log_softmax over the logits) scores what TRL's fused LM head scores, padding aside."""
+    from types import SimpleNamespace
+
+    import torch
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.dpo import _weighted_dpo_trainer
+
+    folder, _ = base
+    model, tokenizer = load_model(folder)
+    add_fused_lm_head(model)
+    examples = []
+    for p in pairs[:3]:
+        prompt_ids = tokenizer(p["prompt"])["input_ids"]
+        completion = {side: tokenizer(p["prompt"] + p[side] + tokenizer.eos_token)["input_ids"][len(prompt_ids):]
+                      for side in ("chosen", "rejected")}
+        examples.append({"prompt_ids": prompt_ids, "chosen_ids": completion["chosen"],
+                         "rejected_ids": completion["rejected"]})
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
+    score = _weighted_dpo_trainer().completion_logps
+    with torch.no_grad():
+        plain = score(SimpleNamespace(fused_lm_head=False), model, batch)
+        fused = score(SimpleNamespace(fused_lm_head=True), model, batch)
+    one_by_one = [completion_logps(model, tokenizer, p["prompt"], p[side])
+                  for side in ("chosen", "rejected") for p in pairs[:3]]
+    assert torch.allclose(plain, fused, atol=1e-4)
+    assert plain.tolist() == pytest.approx(one_by_one, abs=1e-4)
+
+
 def test_empty_pairs_are_refused(base, tmp_path):
     with pytest.raises(ValueError, match="needs preference pairs; got none"):
         main(pairs=[], model_dir=base[0], out_dir=tmp_path / "dpo", config=FAST)

@@ -87,19 +87,39 @@ def _weighted_dpo_trainer():
             if "weight" not in self._signature_columns:
                 self._signature_columns = [*self._signature_columns, "weight"]
 
+        @property
+        def fused_lm_head(self) -> bool:
+            """TRL's fused LM head on CUDA only.
+
+            It never holds the logits, which matters for a large vocabulary on a GPU. On a CPU it falls back to
+            torch ops over every position, about ten passes per logits tile: DPO steps of the tiny model took 20%
+            longer than with log_softmax over the logits (bench/trainer.py).
+            """
+            return self.args.device.type == "cuda"
+
+        def completion_logps(self, model, inputs):
+            """Each sequence's completion log-prob: per-token log-probs summed over its completion mask.
+
+            The policy and the precomputed reference both come from here: the same arithmetic.
+            """
+            input_ids, mask = inputs["input_ids"], inputs["completion_mask"]
+            if self.fused_lm_head:
+                labels = input_ids.masked_fill(mask == 0, -100)
+                outputs = model(input_ids=input_ids, attention_mask=inputs["attention_mask"], labels=labels,
+                                use_cache=False, fused_lm_head=True)
+                return outputs.log_probs[:, -(mask.size(1) - 1):].sum(dim=1)  # zero outside the completion
+            logits = model(input_ids=input_ids, attention_mask=inputs["attention_mask"], use_cache=False).logits
+            token_logps = logits[:, :-1].log_softmax(dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            return (token_logps * mask[:, 1:]).sum(dim=1)
+
         def compute_ref_log_probs(self, model, inputs):
-            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "weight"})
+            with torch.no_grad(), self.accelerator.autocast():
+                return self.completion_logps(model, inputs).chunk(2, dim=0)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mask = inputs["completion_mask"]
-            labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                            use_cache=False, fused_lm_head=True)
-            shift_mask = mask[..., 1:]
-            # The same per-token log-probs (zero outside the completion) TRL sums for the reference.
-            logps = outputs.log_probs[:, -shift_mask.size(1):].sum(dim=1)
+            logps = self.completion_logps(model, inputs)
             chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-            chosen_lengths = shift_mask.chunk(2, dim=0)[0].sum(dim=1).clamp_min(1)
+            chosen_lengths = inputs["completion_mask"][:, 1:].chunk(2, dim=0)[0].sum(dim=1).clamp_min(1)
             loss = weighted_dpo_nll_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
                                          inputs["ref_rejected_logps"], chosen_lengths, inputs["weight"],
                                          beta=self.beta, alpha=self.nll_weight)
@@ -113,7 +133,7 @@ def _weighted_dpo_trainer():
             metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
             metrics["nll/chosen"].append((-chosen_logps / chosen_lengths).mean().item())
             metrics["weight"].append(inputs["weight"].mean().item())
-            return (loss, outputs) if return_outputs else loss
+            return (loss, logps) if return_outputs else loss
 
     return WeightedDPOTrainer
 
