@@ -300,19 +300,18 @@ def cmd_pairs(args) -> None:
     from factory.ids import content_hash
     from factory.io import read_rows_table, write_json
     from factory.lineage import model_id, read_table, write_table
-    from factory.pairs import PairsConfig, check_inputs, make_pairs, with_recipe
+    from factory.pairs import PairsConfig, check_inputs, pairs_table, with_recipe
     from factory.params import as_dict, section
-    from factory.schema import from_rows
 
     config = with_recipe(section(_params(args), "pairs", PairsConfig, path=args.params),
                          args.recipe)
-    problems = read_table(args.problems, "problems").to_pylist()
-    samples = read_rows_table(args.samples).to_pylist()
+    problems_table, samples_table = read_table(args.problems, "problems"), read_rows_table(args.samples)
+    labels_table = read_table(args.labels, "labels")
+    problems, samples, labels = problems_table.to_pylist(), samples_table.to_pylist(), labels_table.to_pylist()
     for row, sample in enumerate(samples):
         for field in ("sample_id", "problem_id", "text"):
             if not isinstance(sample.get(field), str):
                 raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {sample.get(field)!r}")
-    labels = read_table(args.labels, "labels").to_pylist()
     check_inputs(problems, samples, labels, sources={"samples": str(args.samples), "labels": str(args.labels)})
 
     from transformers import AutoTokenizer
@@ -321,12 +320,12 @@ def cmd_pairs(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt_for = lambda question: format_prompt(tokenizer, question)  # noqa: E731
-    rows, summary = make_pairs(problems, samples, labels, prompt_for=prompt_for, iteration=args.iteration,
-                               config=config)
+    pairs, summary = pairs_table(problems_table, samples_table, labels_table, prompt_for=prompt_for,
+                                 iteration=args.iteration, config=config)
     # The prompt format is part of what made the rows: record it (not the whole model's weights).
     record = {"pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
               "prompt_format": content_hash(prompt_for("{question}"))}
-    write_table(from_rows(rows, "pairs", source=str(args.out)), args.out, kind="pairs", stage="pairs",
+    write_table(pairs, args.out, kind="pairs", stage="pairs",
                 params=record, inputs={"problems": args.problems, "samples": args.samples, "labels": args.labels},
                 model_id=model_id(args.model))  # the model whose samples these are (audits/wrong_model.sql checks it)
     if args.summary:

@@ -7,6 +7,11 @@ subclasses `GroupFilter` and implements `group_key`, `order_key` and
 in input order, the dropped ones as rows of the `dropped` table (the whole
 input row kept as canonical JSON, so nothing is lost), and the counts.
 
+`reasons(table)` is the same decision for a whole Arrow table (null: keep);
+it judges row by row unless a filter overrides it with vectorised code, as
+the built-in rules do, their `judge` staying the reference. `dropped_table`
+makes the `dropped` rows of a table at once.
+
 A reason reads "kind (details naming the values)", e.g.
 "no final answer (answer_status=unparseable)"; its kind, the text before " (",
 is what the counts group by.
@@ -26,7 +31,12 @@ from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from factory.filters.json_rows import canonical_json_rows
 from factory.ids import canonical_json
+from factory.schema import DROPPED
 
 Verdict = bool | tuple[bool, str]
 STAGE = "filter"
@@ -35,6 +45,12 @@ STAGE = "filter"
 def reason_kind(reason: str) -> str:
     """'near-duplicate (of s-1, Jaccard 0.900 > 0.7)' -> 'near-duplicate'."""
     return reason.split(" (", 1)[0]
+
+
+def reason_kind_counts(reasons: pa.Array) -> dict[str, int]:
+    """{reason kind: rows}, sorted by kind, of an array of reasons (no nulls)."""
+    kinds = pc.list_element(pc.split_pattern(reasons, " (", max_splits=1), 0)
+    return dict(sorted((count["values"], count["counts"]) for count in pc.value_counts(kinds).to_pylist()))
 
 
 @dataclass
@@ -50,6 +66,7 @@ class Filter:
     """Base of every filter; subclasses implement `judge` (or `GroupFilter.judge_group`)."""
 
     name: str = "filter"  # recorded in dropped rows and counts
+    columns: tuple[str, ...] | None = None  # the columns `reasons` reads (None: all), so it is handed no others
     table: str = "samples"  # the table the rows belong to
     id_column: str = "sample_id"  # their id in that table
 
@@ -57,8 +74,30 @@ class Filter:
         """True to keep `row`, or (False, "kind (values)") to drop it."""
         raise NotImplementedError(f"{type(self).__name__} must implement judge(row)")
 
+    def verdicts(self, rows: list[dict]) -> list[Verdict]:
+        """`judge` of each row (aligned with `rows`)."""
+        return [self.judge(row) for row in rows]
+
     def apply(self, rows: list[dict]) -> FilterResult:
-        return self.collect(rows, [self.judge(row) for row in rows])
+        return self.collect(rows, self.verdicts(rows))
+
+    def reasons(self, table: pa.Table) -> pa.Array:
+        """Per row of `table`: null to keep it, else the reason to drop it (what `apply` decides)."""
+        rows = table.to_pylist()
+        return pa.array([self._reason(verdict, row) for row, verdict in zip(rows, self.verdicts(rows), strict=True)],
+                        pa.string())
+
+    def dropped_table(self, table: pa.Table, reasons: pa.Array) -> pa.Table:
+        """Rows of the `dropped` table for the rows of `table`, dropped for `reasons` (aligned, no nulls)."""
+        n = table.num_rows
+        return pa.table({
+            "row_id": table.column(self.id_column),
+            "table": pa.array([self.table] * n, pa.string()),
+            "stage": pa.array([STAGE] * n, pa.string()),
+            "filter": pa.array([self.name] * n, pa.string()),
+            "reason": reasons,
+            "row": canonical_json_rows(table),
+        }).cast(DROPPED)
 
     def collect(self, rows: list[dict], verdicts: list[Verdict]) -> FilterResult:
         """Split `rows` by their verdicts (aligned with rows) and count the drops per reason kind."""
@@ -116,7 +155,7 @@ class GroupFilter(Filter):
         """Verdicts for one group's rows, given in `order_key` order (aligned with them)."""
         raise NotImplementedError(f"{type(self).__name__} must implement judge_group(rows)")
 
-    def apply(self, rows: list[dict]) -> FilterResult:
+    def verdicts(self, rows: list[dict]) -> list[Verdict]:
         groups: dict[Hashable, list[int]] = defaultdict(list)
         for index, row in enumerate(rows):
             groups[self.group_key(row)].append(index)
@@ -125,4 +164,4 @@ class GroupFilter(Filter):
             indices.sort(key=lambda i: self.order_key(rows[i]))
             for index, verdict in zip(indices, self.judge_group([rows[i] for i in indices]), strict=True):
                 verdicts[index] = verdict
-        return self.collect(rows, verdicts)
+        return verdicts

@@ -1,12 +1,21 @@
 """The sample filters: final answer, length, near-duplicates.
 
 Rows are samples joined with their labels (so `answer_status`, `n_steps` and
-`correct` sit beside `text`, `n_tokens` and `finish_reason`).
+`correct` sit beside `text`, `n_tokens` and `finish_reason`). Each rule's
+`judge` (or `judge_group`) is the reference; its `reasons` gives the same
+verdicts for a whole table with Arrow and numpy.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from factory.filters.base import Filter, GroupFilter, Verdict
+from factory.filters.similarity import jaccard as bulk_jaccard
+from factory.filters.similarity import word_bitsets
+from factory.labelers.columnar import as_array
 from factory.text import jaccard, word_set
 
 
@@ -18,6 +27,7 @@ class FinalAnswerFilter(Filter):
     """
 
     name = "final_answer"
+    columns = ("finish_reason", "max_new_tokens", "answer_status")
 
     def judge(self, row: dict) -> Verdict:
         # Truncation first: it is the cause when a cut-off rationale also has no answer.
@@ -27,6 +37,16 @@ class FinalAnswerFilter(Filter):
         if row["answer_status"] == "unparseable":
             return False, "no final answer (answer_status=unparseable)"
         return True
+
+    def reasons(self, table: pa.Table) -> pa.Array:
+        budget = (table.column("max_new_tokens").cast(pa.string()).fill_null("None")
+                  if "max_new_tokens" in table.column_names else "None")
+        truncated = pc.binary_join_element_wise(
+            "truncated at max_new_tokens (finish_reason=length, max_new_tokens=", budget, ")", "")
+        return _first_reason(table.num_rows, [
+            (pc.equal(table.column("finish_reason"), "length"), truncated),
+            (pc.equal(table.column("answer_status"), "unparseable"), "no final answer (answer_status=unparseable)"),
+        ])
 
 
 class LengthFilter(Filter):
@@ -42,6 +62,7 @@ class LengthFilter(Filter):
     """
 
     name = "length"
+    columns = ("n_steps", "n_tokens")
 
     def __init__(self, *, min_steps: int = 1, max_tokens: int = 256):
         if min_steps < 0:
@@ -57,6 +78,15 @@ class LengthFilter(Filter):
         if row["n_tokens"] > self.max_tokens:
             return False, f"too many tokens (n_tokens={row['n_tokens']} > max_tokens={self.max_tokens})"
         return True
+
+    def reasons(self, table: pa.Table) -> pa.Array:
+        steps, tokens = table.column("n_steps"), table.column("n_tokens")
+        return _first_reason(table.num_rows, [
+            (pc.less(steps, self.min_steps), pc.binary_join_element_wise(
+                "too few steps (n_steps=", steps.cast(pa.string()), f" < min_steps={self.min_steps})", "")),
+            (pc.greater(tokens, self.max_tokens), pc.binary_join_element_wise(
+                "too many tokens (n_tokens=", tokens.cast(pa.string()), f" > max_tokens={self.max_tokens})", "")),
+        ])
 
 
 class NearDuplicateFilter(GroupFilter):
@@ -74,6 +104,7 @@ class NearDuplicateFilter(GroupFilter):
     """
 
     name = "near_duplicate"
+    columns = ("problem_id", "correct", "sample_index", "sample_id", "text")
 
     def __init__(self, *, threshold: float = 0.7):
         if not 0.0 <= threshold <= 1.0:
@@ -103,3 +134,83 @@ class NearDuplicateFilter(GroupFilter):
                 kept.append((row["sample_id"], words))
                 verdicts.append(True)
         return verdicts
+
+    def reasons(self, table: pa.Table) -> pa.Array:
+        """`judge_group` for all groups at once: every pair of a group scored in bulk, and the greedy
+        keep-or-drop settled over the pairs above the threshold only."""
+        n = table.num_rows
+        problem = pc.dictionary_encode(table.column("problem_id").combine_chunks()).indices.to_numpy()
+        correct = table.column("correct").combine_chunks()
+        group = problem * 3 + np.where(correct.is_null().to_numpy(zero_copy_only=False), 2,
+                                       correct.fill_null(False).to_numpy(zero_copy_only=False))
+        order = pc.sort_indices(pa.table({"group": group, "index": table.column("sample_index"),
+                                          "id": table.column("sample_id"), "text": table.column("text")}),
+                                sort_keys=[(key, "ascending") for key in ("group", "index", "id", "text")])
+        order = order.to_numpy()
+        ordered_group = group[order]
+        first, later = _ordered_pairs(ordered_group)
+        bitsets = word_bitsets(table.column("text"), problem)  # rows usually come grouped by problem
+        # Jaccard <= smaller set / larger set: pairs of sizes too far apart cannot be above the threshold.
+        small, large = (f(bitsets.size[order[first]], bitsets.size[order[later]]) for f in (np.minimum, np.maximum))
+        possible = np.flatnonzero((small / np.maximum(large, 1) > self.threshold) | (large == 0))
+        first, later = first[possible], later[possible]
+        similarity = bulk_jaccard(bitsets, order[first], order[later])
+        close = similarity > self.threshold
+        kept, best, best_similarity = _greedy(len(order), first[close], later[close], similarity[close])
+        dropped = np.flatnonzero(~kept)
+        dropped = dropped[np.argsort(order[dropped])]  # in row order
+        similarities, index = np.unique(best_similarity[dropped], return_inverse=True)
+        best_ids = as_array(table.column("sample_id").take(pa.array(order[best[dropped]])))
+        text = pc.binary_join_element_wise(
+            "near-duplicate (of ", best_ids, ", Jaccard ",
+            pa.array([f"{value:.3f}" for value in similarities], pa.string()).take(pa.array(index.reshape(-1))),
+            f" > {self.threshold})", "")
+        mask = np.zeros(n, bool)
+        mask[order[dropped]] = True
+        return pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(mask), as_array(text))
+
+
+def _first_reason(n: int, rules: list[tuple[pa.Array, pa.Array | str]]) -> pa.Array:
+    """The reason of the first rule whose condition holds (null conditions do not), else null."""
+    reasons = pa.nulls(n, pa.string())
+    for condition, reason in reversed(rules):
+        reasons = pc.if_else(pc.fill_null(condition, False), reason, reasons)
+    return reasons
+
+
+def _ordered_pairs(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j), i < j, of positions in the same run of `groups` (sorted)."""
+    n = len(groups)
+    end = np.r_[np.flatnonzero(groups[1:] != groups[:-1]) + 1, n][np.cumsum(np.r_[0, groups[1:] != groups[:-1]])] \
+        if n else np.zeros(0, np.int64)
+    partners = end - np.arange(n) - 1
+    first = np.repeat(np.arange(n), partners)
+    later = first + 1 + np.arange(len(first)) - np.repeat(np.cumsum(partners) - partners, partners)
+    return first, later
+
+
+def _greedy(n: int, first: np.ndarray, later: np.ndarray, similarity: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Take positions in order; drop one when an earlier kept one is above the threshold (the pairs given).
+
+    Returns kept (bool per position) and, for dropped positions, the most similar kept earlier one
+    (the first of equals) and that similarity. Settled in rounds: a position is decided once all
+    its earlier neighbours are.
+    """
+    earlier = np.bincount(later, minlength=n)  # close earlier neighbours of each position
+    state = np.where(earlier == 0, 1, 0).astype(np.int8)  # 0 undecided, 1 kept, 2 dropped
+    while (state == 0).any():
+        by_kept = np.bincount(later[state[first] == 1], minlength=n) > 0
+        by_dropped = np.bincount(later[state[first] == 2], minlength=n)
+        undecided = state == 0
+        state[undecided & by_kept] = 2
+        state[undecided & ~by_kept & (by_dropped == earlier)] = 1
+    kept = state == 1
+    best = np.zeros(n, np.int64)
+    best_similarity = np.zeros(n)
+    to_kept = np.flatnonzero(kept[first])
+    rank = np.lexsort((first[to_kept], -similarity[to_kept], later[to_kept]))
+    chosen = to_kept[rank]
+    leading = np.r_[True, later[chosen][1:] != later[chosen][:-1]] if len(chosen) else np.zeros(0, bool)
+    best[later[chosen[leading]]] = first[chosen[leading]]
+    best_similarity[later[chosen[leading]]] = similarity[chosen[leading]]
+    return kept, best, best_similarity

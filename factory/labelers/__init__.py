@@ -7,14 +7,19 @@ is always extracted and the calculator always checks the annotations (both
 need nothing but the text). `gold` judges against gold answers; without it
 gold is never read (`correct` is null, status `no_gold`). `vote` adds each
 sample's vote count, share and rank; `vote_table` gives one row per problem.
+
+Each labeler works on whole Arrow columns and hands the rows its fast path
+does not cover to its per-row reference (`gold_labels`, `calculator_labels`),
+so the labels are the reference's by construction.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from factory.labelers.calculator import calculator_labels
-from factory.labelers.gold import gold_labels
+from factory.labelers.calculator import calculator_columns
+from factory.labelers.gold import gold_columns
 from factory.labelers.vote import vote_columns, vote_table
 from factory.schema import validate
 
@@ -33,21 +38,23 @@ def check_labelers(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str = "<samples>",
                   labelers: tuple[str, ...] = LABELERS) -> pa.Table:
     labelers = check_labelers(labelers)
-    known = set(problems.column("problem_id").to_pylist())
-    problem_ids = samples.column("problem_id").to_pylist()
-    for row, problem_id in enumerate(problem_ids):
-        if problem_id not in known:
-            raise ValueError(f"{samples_source}: row {row} field 'problem_id': {problem_id!r} is not in the problems file")
+    problem_ids = samples.column("problem_id")
+    # The last row of a problem_id wins, as in a dict built from the problems file.
+    reversed_ids = problems.column("problem_id").take(pa.array(range(problems.num_rows - 1, -1, -1), pa.int64()))
+    last = pc.subtract(problems.num_rows - 1, pc.index_in(problem_ids, value_set=reversed_ids))
+    unknown = last.is_null()
+    if pc.any(unknown).as_py():
+        row = pc.index(unknown, True).as_py()
+        raise ValueError(f"{samples_source}: row {row} field 'problem_id': {problem_ids[row].as_py()!r} "
+                         "is not in the problems file")
     if "gold" in labelers:
-        gold_by_problem = dict(zip(problems.column("problem_id").to_pylist(),
-                                   problems.column("gold_answer").to_pylist()))
-        golds = [gold_by_problem[p] for p in problem_ids]
+        golds = problems.column("gold_answer").take(last)
     else:
-        golds = [None] * len(problem_ids)
-    texts = samples.column("text").to_pylist()
-    columns = {"sample_id": samples.column("sample_id").to_pylist(), "problem_id": problem_ids}
-    columns |= gold_labels(texts, golds)
-    columns |= calculator_labels(texts)
+        golds = pa.nulls(samples.num_rows, pa.string())
+    texts = samples.column("text")
+    columns = {"sample_id": samples.column("sample_id"), "problem_id": problem_ids}
+    columns |= gold_columns(texts, golds)
+    columns |= calculator_columns(texts)
     labels = pa.table(columns)
     if "vote" in labelers:
         for name, column in vote_columns(labels).items():

@@ -1,8 +1,9 @@
 """Majority-vote labeler (self-consistency): votes per normalised final answer, per problem.
 
 It reads only the extracted answers, never gold, so it labels problems that
-have none (ScPO's setting). Both functions are one DuckDB query over Arrow,
-vectorised rather than a Python loop per row.
+have none (ScPO's setting). Both are vectorised rather than a Python loop per
+row: the per-sample columns in numpy over dictionary codes, the per-problem
+table as one DuckDB query over Arrow.
 
 Per sample (columns of `labels`): `vote_count`, the samples of its problem with
 the same answer (0 when it has none); `vote_share`, that count over the
@@ -19,24 +20,9 @@ auditing; nothing trains on it).
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-
-_SAMPLE_VOTES = """
-with counted as (
-    select row, problem_id, answer,
-           count(answer) over (partition by problem_id, answer) as votes,
-           count(*) over (partition by problem_id) as k
-    from labels
-)
-select
-    votes::int as vote_count,
-    votes::double / k as vote_share,
-    case when answer is not null
-         then dense_rank() over (partition by problem_id, answer is null order by votes desc) end::int as vote_rank,
-    row
-from counted
-order by row
-"""
+import pyarrow.compute as pc
 
 _PROBLEM_VOTES = """
 with answers as (
@@ -85,9 +71,31 @@ def _query(sql: str, labels: pa.Table) -> pa.Table:
 
 def vote_columns(labels: pa.Table) -> dict[str, pa.Array]:
     """`vote_count`, `vote_share` and `vote_rank` for each row of `labels` (problem_id, answer), in row order."""
-    indexed = labels.select(["problem_id", "answer"]).append_column("row", pa.array(range(labels.num_rows), pa.int64()))
-    votes = _query(_SAMPLE_VOTES, indexed)
-    return {name: votes.column(name).combine_chunks() for name in ("vote_count", "vote_share", "vote_rank")}
+    problem = _codes(labels.column("problem_id"))
+    answer = _codes(labels.column("answer"))
+    answered = answer >= 0
+    k = np.bincount(problem)[problem] if len(problem) else np.zeros(0, np.int64)
+    _, group, count = np.unique(problem * (answer.max(initial=0) + 2) + answer + 1, return_inverse=True,
+                                return_counts=True)
+    votes = np.where(answered, count[group], 0)
+    # Dense rank of the vote count within the problem, most votes first, among answered rows.
+    rank_key = problem[answered] * (len(problem) + 1) + (len(problem) - votes[answered])
+    distinct, position = np.unique(rank_key, return_inverse=True)
+    distinct_problem = distinct // (len(problem) + 1)
+    first_of_problem = np.searchsorted(distinct_problem, distinct_problem)
+    rank = np.zeros(len(problem), np.int64)
+    rank[answered] = position - first_of_problem[position] + 1
+    return {
+        "vote_count": pa.array(votes, pa.int32()),
+        "vote_share": pa.array(votes / np.maximum(k, 1), pa.float64()),
+        "vote_rank": pa.array(rank, pa.int32(), mask=~answered),
+    }
+
+
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Dictionary codes of a string column; null is -1."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    return encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def vote_table(labels: pa.Table) -> pa.Table:
