@@ -39,7 +39,7 @@ def test_vote_columns_and_table_on_hand_made_votes():
 
 
 def reference_votes(problem_ids, answers):
-    """The straightforward per-row computation the DuckDB query must match."""
+    """The straightforward per-row computation the columnar vote columns must match."""
     k = Counter(problem_ids)
     votes = Counter((p, a) for p, a in zip(problem_ids, answers) if a is not None)
     rows = []

@@ -6,10 +6,14 @@ of a running batch: when a row has written `<<expr=`, the calculator's result
 and `>>` are queued for that row and fed as its next tokens, while the other
 rows keep sampling. Nothing stops or re-encodes (DPO-ST's method).
 
-Sampling noise comes from one `torch.Generator` per row, seeded from the row's
-own key (problem, sample index, seed), so a row's text does not depend on which
-other rows share its batch: resuming a crashed run, or changing the batch
-size, gives the same samples (up to float rounding of padded batches).
+Sampling noise is a counter-based hash of (row seed, step, token id), with the
+row seed taken from the row's own key (problem, sample index, seed), so a row's
+text does not depend on which other rows share its batch: resuming a crashed
+run, changing the batch size or dropping finished rows from the batch gives
+the same samples (up to float rounding of padded batches). The loop is also
+what makes it faster than `model.generate` (bench/sampling.py): the KV cache
+is preallocated, finished rows leave the batch, and the host looks only at
+rows that just wrote EOS, `=` or a newline.
 """
 
 from __future__ import annotations
