@@ -7,8 +7,9 @@ and any other table kind a stage writes (the view is named after the kind its
 provenance declares), each with `iteration` (from the `iter_K` folder; null for
 tables outside one) and `file` columns. Two more views describe the files
 themselves: `models` (one row per model folder's lineage.json) and `files`
-(one row per Parquet file with its provenance). Three macros help checks:
-`words(text)`, `ngrams(text, n)` and `gold_recipe(recipe)`.
+(one row per Parquet file with its provenance). Four macros help checks:
+`words(text)`, `ngrams(text, n)`, `steps(text)` (`factory.steps.split_steps`
+with its newline delimiter) and `gold_recipe(recipe)`.
 
 Only DuckDB is imported here (not pyarrow, torch or transformers): `factory
 audit` must start fast.
@@ -30,7 +31,7 @@ from factory.lineage import MODEL_LINEAGE_FILE, read_model_lineage, read_provena
 
 _ITERATION = re.compile(r"(?:^|/)iter_(\d+)(?:/|$)")
 # Recipes whose pairs are judged against gold answers (scpo_semi: where the problem has one).
-GOLD_RECIPES = ("dpo_st", "dpo", "scpo_semi")
+GOLD_RECIPES = ("dpo_st", "dpo", "scpo_semi", "scdpo")
 FORMATS = ("table", "csv", "json")
 
 
@@ -155,6 +156,9 @@ CREATE MACRO words(text) AS
 CREATE MACRO ngrams(text, n) AS  -- the one-element list binds words(text) once (a macro argument is re-evaluated per use)
     list_transform([words(text)], lambda ws: list_transform(range(1, greatest(len(ws) - n + 2, 1)),
                                                             lambda i: array_to_string(list_slice(ws, i, i + n - 1), ' ')))[1];
+CREATE MACRO steps(text) AS  -- factory.steps.split_steps: non-empty stripped lines, the `####` line excluded
+    list_filter(list_transform(string_split(text, chr(10)), lambda l: trim(l, ' ' || chr(9) || chr(11) || chr(12) || chr(13))),
+                lambda l: l <> '' AND NOT starts_with(l, '####'));
 CREATE MACRO gold_recipe(recipe) AS recipe IN ({", ".join(sql_literal(r) for r in GOLD_RECIPES)});
 """
 

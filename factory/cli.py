@@ -113,9 +113,9 @@ def cmd_warmup(args) -> None:
 
 
 def cmd_train(args) -> None:
-    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo.
+    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo, scdpo, sipf_orpo.
 
-    Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo` and `self_train`.
+    Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo`, `self_train` and `orpo`.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
     from factory.filters import FilterConfig
@@ -123,12 +123,13 @@ def cmd_train(args) -> None:
     from factory.io import write_json
     from factory.params import section
     from train.dpo import DPOTrainConfig
-    from train.iteration import DPO_ONLY, SelfTrainConfig, check_recipe, train_iteration
+    from train.iteration import PREFERENCE_ONLY, SelfTrainConfig, check_recipe, train_iteration
+    from train.orpo import ORPORunConfig
 
     params = _params(args)
     recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
     sampling = section(params, "sample", SamplingConfig, path=args.params)
-    if recipe not in (*DPO_ONLY, "sft"):  # a second round of sampling follows DPO: fail before DPO, not after
+    if recipe not in (*PREFERENCE_ONLY, "sft"):  # a second round of sampling follows DPO: fail before DPO, not after
         check_backend(sampling)
     summary = train_iteration(
         recipe=recipe, iteration=args.iteration, problems_path=args.problems, prev_dir=args.prev,
@@ -138,12 +139,16 @@ def cmd_train(args) -> None:
         filter_config=section(params, "filter", FilterConfig, path=args.params),
         dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
         self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
+        orpo_config=section(params, "orpo", ORPORunConfig, path=args.params),
     )
     if args.summary:
         write_json(args.summary, summary)
     if sft := summary.get("sft"):
         print(f"{args.out}: model {summary['model_id']} ({recipe}), SFT on {sft['examples']} examples for "
               f"{sft['steps']} steps, dev accuracy {sft['dev_accuracy']:.3f} at step {sft['best_step']}")
+    elif orpo := summary.get("orpo"):
+        print(f"{args.out}: model {summary['model_id']} ({recipe}), ORPO on {orpo['pairs']} pairs "
+              f"from {orpo['pairs_files']} iteration(s)")
     else:
         dpo = summary["dpo"]
         print(f"{args.out}: model {summary['model_id']} ({recipe}), weighted DPO on {dpo['pairs']} pairs"
@@ -291,6 +296,34 @@ def cmd_sample(args) -> None:
     print(f"{args.out}: {rows} samples ({config.n} per problem of split {config.split!r})")
 
 
+def cmd_steps(args) -> None:
+    """Make the step-level data of a recipe: SCDPO's step-controlled continuations, or SIPF's rollouts and PRM.
+
+    Reads params `recipe` (--recipe overrides it), `steps` and `prm`. For other recipes it writes the
+    same tables, empty. Output folder: samples.parquet (generated rows), labels.parquet, process.parquet
+    (step scores), and prm/ (sipf_orpo's process reward model).
+    Example: factory steps --recipe scdpo --model models/iter_0 --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --iteration 1 --out data/iter_1/steps
+    """
+    from factory.generators.steps import StepsConfig
+    from factory.io import write_json
+    from factory.params import section
+    from factory.step_stage import run_steps
+    from train.iteration import check_recipe
+    from train.prm import PRMConfig
+
+    params = _params(args)
+    recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
+    summary = run_steps(recipe=recipe, model_dir=args.model, problems_path=args.problems, samples_path=args.samples,
+                        labels_path=args.labels, iteration=args.iteration, out=args.out,
+                        steps_config=section(params, "steps", StepsConfig, path=args.params),
+                        prm_config=section(params, "prm", PRMConfig, path=args.params))
+    if args.summary:
+        write_json(args.summary, summary)
+    generated = summary.get("generated")
+    print(f"{args.out}: {recipe}: " + (f"{generated['rows']} generated rows ({generated['tokens']} tokens) from "
+                                       f"{generated['parents']} samples" if generated else "no step-level data"))
+
+
 def cmd_pairs(args) -> None:
     """Make preference pairs (TRL's prompt/chosen/rejected format) from labelled samples.
 
@@ -302,6 +335,7 @@ def cmd_pairs(args) -> None:
     from factory.lineage import model_id, read_table, write_table
     from factory.pairs import PairsConfig, check_inputs, pairs_table, with_recipe
     from factory.params import as_dict, section
+    from factory.step_stage import read_step_data
 
     config = with_recipe(section(_params(args), "pairs", PairsConfig, path=args.params),
                          args.recipe)
@@ -321,12 +355,14 @@ def cmd_pairs(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt_for = lambda question: format_prompt(tokenizer, question)  # noqa: E731
     pairs, summary = pairs_table(problems_table, samples_table, labels_table, prompt_for=prompt_for,
-                                 iteration=args.iteration, config=config)
+                                 iteration=args.iteration, config=config, steps=read_step_data(args.steps))
     # The prompt format is part of what made the rows: record it (not the whole model's weights).
     record = {"pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
               "prompt_format": content_hash(prompt_for("{question}"))}
-    write_table(pairs, args.out, kind="pairs", stage="pairs",
-                params=record, inputs={"problems": args.problems, "samples": args.samples, "labels": args.labels},
+    inputs = {"problems": args.problems, "samples": args.samples, "labels": args.labels}
+    if args.steps:
+        inputs["steps"] = args.steps
+    write_table(pairs, args.out, kind="pairs", stage="pairs", params=record, inputs=inputs,
                 model_id=model_id(args.model))  # the model whose samples these are (audits/wrong_model.sql checks it)
     if args.summary:
         write_json(args.summary, summary)
@@ -504,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
     p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
-    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo (default: params `recipe`)")
+    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo | scdpo | sipf_orpo (default: params `recipe`)")
     p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--prev", required=True, help="previous iteration's model folder")
@@ -559,7 +595,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or Hub id whose tokenizer formats prompts")
     p.add_argument("--iteration", type=int, required=True, help="iteration recorded on every pair")
     p.add_argument("--out", required=True, help="pairs Parquet to write")
+    p.add_argument("--steps", help="the `factory steps` folder (scdpo and sipf_orpo read it)")
     p.add_argument("--summary", help="also write the pair counts and skip reasons as JSON")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+
+    p = command("steps", cmd_steps, "step-level data: step-controlled continuations (scdpo), rollouts and a PRM (sipf_orpo)")
+    p.add_argument("--recipe", help="scdpo | sipf_orpo | any other recipe: empty tables (default: params `recipe`)")
+    p.add_argument("--model", required=True, help="the model that samples continuations and rollouts (the previous one)")
+    p.add_argument("--problems", required=True, help="problems Parquet")
+    p.add_argument("--samples", required=True, help="the iteration's kept samples")
+    p.add_argument("--labels", required=True, help="labels of the samples")
+    p.add_argument("--iteration", type=int, required=True, help="iteration recorded on every row")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--summary", help="also write the stage's counts as JSON")
     p.add_argument("--params", default=DEFAULT_PARAMS)
 
     p = command("report", cmd_report, "gather the iterations' metrics into one table and plot")

@@ -34,12 +34,15 @@ from factory.filters.similarity import word_bitsets
 from factory.labelers.columnar import as_array, threads
 from factory.ids import ID_PREFIXES, canonical_json, content_id
 from factory.schema import PAIRS, from_rows
+from factory.steps import prefix_text, split_steps
 from factory.text import jaccard, word_set
 
 NO_POSITIVE = "no_positive"  # no correct (or majority) sample and no gold rationale to prefer
 NO_NEGATIVE = "no_negative"  # every judged sample is correct (or agrees): nothing to reject
 TIED_VOTE = "tied_vote"  # ScPO: two answers share the most votes, so there is no majority
 LOW_CONSISTENCY = "low_consistency"  # ScPO: the top answer's vote share is below min_vote_share
+NO_MARGIN = "no_margin"  # SIPF: no sample's path reward is eta below a correct sample's
+NO_PROCESS_SCORE = "no_process_score"  # SIPF: the PRM scored none of the problem's samples
 SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE)
 VOTE_SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE, TIED_VOTE, LOW_CONSISTENCY)
 GOLD = "gold"  # stands for the gold rationale in pair ids (its chosen_sample_id is None)
@@ -58,6 +61,8 @@ class PairsConfig:
     include_gold: bool = True
     # ScPO's tau: a problem makes vote pairs only if its top answer has at least this share of the k votes.
     min_vote_share: float = 0.5
+    # SIPF's eta: chosen's path reward must exceed rejected's by at least this much.
+    eta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -67,6 +72,29 @@ class PairsConfig:
             raise ValueError(f"pairs_per_problem must be a positive integer, got {self.pairs_per_problem!r}")
         if not 0.0 <= self.min_vote_share <= 1.0:
             raise ValueError(f"min_vote_share must be in [0, 1], got {self.min_vote_share!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+
+
+@dataclass(frozen=True)
+class StepData:
+    """What the `steps` stage made for an iteration (`factory steps`): the step-level recipes' extra input.
+
+    `samples` are generated continuations (scdpo) or rollouts (sipf_orpo),
+    `labels` their labels, `process` the step scores (`factory.labelers.process`);
+    `recipe` is the recipe the stage ran for, when read from its files.
+    """
+
+    samples: list[dict] = dataclasses.field(default_factory=list)
+    labels: list[dict] = dataclasses.field(default_factory=list)
+    process: list[dict] = dataclasses.field(default_factory=list)
+    recipe: str | None = None
+
+    def check_made_for(self, recipe: str) -> None:
+        """Refuse step data the `steps` stage made for another recipe (e.g. empty tables for dpo_st)."""
+        if self.recipe is not None and self.recipe != recipe:
+            raise ValueError(f"pairs recipe {recipe!r} needs step data made for it, but the steps folder was made "
+                             f"for recipe {self.recipe!r}: set params recipe: {recipe} (and pairs.recipe: {recipe})")
 
 
 def check_inputs(
@@ -132,6 +160,28 @@ def _pair_row(config: PairsConfig, iteration: int, problem_id: str, prompt: str,
         "chosen_sample_id": chosen_id,
         "rejected_sample_id": rejected_id,
         "weight": weight,
+        "prefix_steps": None,
+    }
+
+
+def _step_pair_row(config: PairsConfig, iteration: int, problem_id: str, prompt: str, chosen: dict, rejected: dict,
+                   prefix_steps: int, delimiter: str) -> dict:
+    """A pair that shares its first `prefix_steps` steps: they end the prompt, so the loss falls on the rest."""
+    chosen_prefix = prefix_text(chosen["text"], prefix_steps, delimiter)
+    rejected_prefix = prefix_text(rejected["text"], prefix_steps, delimiter)
+    return {
+        "pair_id": content_id("pair", config.recipe, iteration, problem_id, chosen["sample_id"],
+                              rejected["sample_id"], prefix_steps),
+        "problem_id": problem_id,
+        "iteration": iteration,
+        "recipe": config.recipe,
+        "prompt": prompt + chosen_prefix,
+        "chosen": chosen["text"][len(chosen_prefix):],
+        "rejected": rejected["text"][len(rejected_prefix):],
+        "chosen_sample_id": chosen["sample_id"],
+        "rejected_sample_id": rejected["sample_id"],
+        "weight": 1.0,
+        "prefix_steps": prefix_steps,
     }
 
 
@@ -316,8 +366,165 @@ def scpo_semi_pairs(
     return rows, summary
 
 
+STEP_CONTROLLED = "step_controlled"  # the generator of SCDPO's continuations (factory.generators.steps)
+
+
+def _labels_by_id(labels: list[dict], source: str) -> dict[str, dict]:
+    by_id = {}
+    for index, label in enumerate(labels):
+        if label["sample_id"] in by_id:
+            raise ValueError(f"{source}: row {index}: sample {label['sample_id']!r} is labelled twice")
+        by_id[label["sample_id"]] = label
+    return by_id
+
+
+def scdpo_pairs(
+    problems: list[dict],
+    samples: list[dict],
+    labels: list[dict],
+    *,
+    prompt_for: Callable[[str], str],
+    iteration: int,
+    config: PairsConfig,
+    steps: StepData | None = None,
+    delimiter: str = "\n",
+) -> tuple[list[dict], dict]:
+    """Step-controlled DPO pairs (Lu et al., 2024): the naive pairs plus pairs that differ only after step j.
+
+    - naive: the `dpo_st` rule on whole rationales;
+    - step-controlled: each wrong continuation in `steps` (generator
+      `step_controlled`) against its correct parent; prompt = question + the
+      parent's first j steps (`prefix_steps`), chosen = the parent's rest,
+      rejected = the continuation's rest;
+    - calculator-located: a wrong sample whose calculator check finds its
+      first wrong step at j >= 1 against a correct sample of the same problem
+      with the same first j steps (no generation needed).
+
+    Identical (prompt, chosen, rejected) step pairs are made once.
+    """
+    steps = steps or StepData()
+    steps.check_made_for(config.recipe)
+    naive, naive_summary = dpo_st_pairs(problems, samples, labels, prompt_for=prompt_for, iteration=iteration,
+                                        config=config)
+    label_by_id = _labels_by_id(labels, "labels")
+    continuation_labels = _labels_by_id(steps.labels, "step labels")
+    sample_by_id = {s["sample_id"]: s for s in samples}
+    question = {p["problem_id"]: p["question"] for p in problems}
+    counts = {"step_controlled": 0, "calculator_located": 0, "continuations": 0, "continuations_correct": 0,
+              "continuations_unjudged": 0, "parent_not_kept": 0, "duplicate": 0}
+    rows: list[dict] = []
+    seen: set[tuple[str, str, str]] = set()
+
+    def add(row: dict, kind: str) -> None:
+        key = (row["prompt"], row["chosen"], row["rejected"])
+        if key in seen:
+            counts["duplicate"] += 1
+            return
+        seen.add(key)
+        rows.append(row)
+        counts[kind] += 1
+
+    for continuation in sorted(steps.samples, key=lambda s: s["sample_id"]):
+        if continuation["generator"] != STEP_CONTROLLED:
+            continue
+        counts["continuations"] += 1
+        label = continuation_labels.get(continuation["sample_id"])
+        if label is None:
+            raise ValueError(f"step labels: no label for continuation {continuation['sample_id']!r}")
+        if label["correct"] is not False:
+            counts["continuations_correct" if label["correct"] else "continuations_unjudged"] += 1
+            continue
+        parent = sample_by_id.get(continuation["parent_sample_id"])
+        if parent is None or label_by_id[parent["sample_id"]]["correct"] is not True:
+            counts["parent_not_kept"] += 1
+            continue
+        j = continuation["prefix_steps"]
+        if split_steps(continuation["text"], delimiter)[:j] != split_steps(parent["text"], delimiter)[:j]:
+            raise ValueError(f"step samples: continuation {continuation['sample_id']!r} does not keep the first "
+                             f"{j} steps of its parent {parent['sample_id']!r}")
+        add(_step_pair_row(config, iteration, parent["problem_id"], prompt_for(question[parent["problem_id"]]),
+                           parent, continuation, j, delimiter), "step_controlled")
+
+    for problem_id, group in _group_by_problem(samples).items():
+        correct = [(s, split_steps(s["text"], delimiter)) for s in group if label_by_id[s["sample_id"]]["correct"]]
+        for sample in group:
+            label = label_by_id[sample["sample_id"]]
+            j = label.get("first_error_step")
+            if label["correct"] is not False or not j:
+                continue
+            own = split_steps(sample["text"], delimiter)[:j]
+            match = next((s for s, s_steps in correct if s_steps[:j] == own and len(s_steps) > j), None)
+            if match is not None:
+                add(_step_pair_row(config, iteration, problem_id, prompt_for(question[problem_id]), match, sample, j,
+                                   delimiter), "calculator_located")
+
+    rows = naive + sorted(rows, key=lambda r: (r["problem_id"], r["pair_id"]))
+    summary = _summary(config, iteration, samples, rows, naive_summary["skipped"])
+    summary |= {"naive_pairs": naive_summary["pairs"], "step_pairs": counts,
+                "unjudged_samples": naive_summary["unjudged_samples"]}
+    return rows, summary
+
+
+def sipf_orpo_pairs(
+    problems: list[dict],
+    samples: list[dict],
+    labels: list[dict],
+    *,
+    prompt_for: Callable[[str], str],
+    iteration: int,
+    config: PairsConfig,
+    steps: StepData | None = None,
+) -> tuple[list[dict], dict]:
+    """Self-iterative process feedback pairs (Chen et al., COLING 2025): a reward margin of at least eta.
+
+    Path rewards are the process reward model's (`steps.process` rows with
+    source "prm"). Per problem, chosen is a sample labelled correct, rejected
+    any other sample whose path reward is at least `config.eta` lower: a
+    wrong one, or a correct one whose steps the PRM finds worse. The
+    `config.pairs_per_problem` pairs with the largest margins are kept (ties:
+    chosen id, rejected id). The samples are the filtered ones, so the
+    calculator-consistency filter has already run when params ask for it.
+    """
+    steps = steps or StepData()
+    steps.check_made_for(config.recipe)
+    label_by_id = check_inputs(problems, samples, labels)
+    reward = {row["sample_id"]: row["path_reward"] for row in steps.process if row["source"] == "prm"}
+    question = {p["problem_id"]: p["question"] for p in problems}
+    rows: list[dict] = []
+    skipped = dict.fromkeys((NO_POSITIVE, NO_MARGIN, NO_PROCESS_SCORE), 0)
+    margins: list[float] = []
+    for problem_id, group in _group_by_problem(samples).items():
+        scored = [s for s in group if s["sample_id"] in reward and label_by_id[s["sample_id"]]["correct"] is not None]
+        if not scored:
+            skipped[NO_PROCESS_SCORE] += 1
+            continue
+        positives = [s for s in scored if label_by_id[s["sample_id"]]["correct"]]
+        if not positives:
+            skipped[NO_POSITIVE] += 1
+            continue
+        candidates = sorted(
+            ((reward[c["sample_id"]] - reward[r["sample_id"]], c, r) for c in positives for r in scored
+             if r is not c and reward[c["sample_id"]] - reward[r["sample_id"]] >= config.eta),
+            key=lambda m: (-m[0], m[1]["sample_id"], m[2]["sample_id"]))[: config.pairs_per_problem]
+        if not candidates:
+            skipped[NO_MARGIN] += 1
+            continue
+        prompt = prompt_for(question[problem_id])
+        for margin, chosen, rejected in candidates:
+            margins.append(margin)
+            rows.append(_pair_row(config, iteration, problem_id, prompt, chosen["sample_id"], chosen["text"],
+                                  rejected["sample_id"], rejected["text"], 1.0))
+    summary = _summary(config, iteration, samples, rows, skipped)
+    summary["mean_margin"] = round(sum(margins) / len(margins), 4) if margins else None
+    summary["rejected_correct"] = sum(label_by_id[r["rejected_sample_id"]]["correct"] is True for r in rows)
+    return rows, summary
+
+
 Recipe = Callable[..., tuple[list[dict], dict]]
-RECIPES: dict[str, Recipe] = {"dpo_st": dpo_st_pairs, "scpo": scpo_pairs, "scpo_semi": scpo_semi_pairs}
+RECIPES: dict[str, Recipe] = {"dpo_st": dpo_st_pairs, "scpo": scpo_pairs, "scpo_semi": scpo_semi_pairs,
+                              "scdpo": scdpo_pairs, "sipf_orpo": sipf_orpo_pairs}
+# Recipes whose rule reads the `steps` stage's rows.
+STEP_RECIPES = ("scdpo", "sipf_orpo")
 
 
 def recipe_function(name: str) -> Recipe:
@@ -335,10 +542,12 @@ def make_pairs(
     prompt_for: Callable[[str], str],
     iteration: int,
     config: PairsConfig,
+    steps: StepData | None = None,
 ) -> tuple[list[dict], dict]:
-    """Run the recipe `config.recipe` names; see its function for the rule."""
+    """Run the recipe `config.recipe` names; see its function for the rule (step recipes also read `steps`)."""
+    extra = {"steps": steps} if config.recipe in STEP_RECIPES else {}
     return recipe_function(config.recipe)(
-        problems, samples, labels, prompt_for=prompt_for, iteration=iteration, config=config
+        problems, samples, labels, prompt_for=prompt_for, iteration=iteration, config=config, **extra
     )
 
 
@@ -355,6 +564,7 @@ def pairs_table(
     prompt_for: Callable[[str], str],
     iteration: int,
     config: PairsConfig,
+    steps: StepData | None = None,
 ) -> tuple[pa.Table, dict]:
     """`make_pairs` for Arrow tables: the `pairs` table and the summary, the same rows the recipe gives."""
     if config.recipe == "dpo_st":
@@ -362,7 +572,7 @@ def pairs_table(
         if result is not None:
             return result
     rows, summary = make_pairs(problems.to_pylist(), samples.to_pylist(), labels.to_pylist(), prompt_for=prompt_for,
-                               iteration=iteration, config=config)
+                               iteration=iteration, config=config, steps=steps)
     return from_rows(rows, "pairs"), summary
 
 
@@ -545,4 +755,5 @@ def _pair_rows(questions: pa.Array, problem_ids: pa.Array, owner: np.ndarray, ch
         "chosen_sample_id": chosen_id,
         "rejected_sample_id": rejected_id,
         "weight": pa.array(np.ones(n), pa.float64()),
+        "prefix_steps": pa.nulls(n, pa.int32()),
     }, schema=PAIRS)

@@ -3,7 +3,7 @@
     factory report --metrics metrics/iterations --out metrics/flywheel.json --plot metrics/flywheel_plot.json
 
 Each iteration k has a folder `metrics/iterations/iter_k/` where its stages
-write `eval.json` (and for k ≥ 1 `label.json`, `filter.json`, `pairs.json`,
+write `eval.json` (and for k ≥ 1 `label.json`, `filter.json`, `steps.json`, `pairs.json`,
 `train.json`). The report joins them into one metrics file (`dvc metrics
 show`) and one row per iteration for `dvc plots show`.
 """
@@ -46,8 +46,13 @@ def iteration_row(folder: Path, k: int) -> dict:
         if vote := labels.get("vote"):
             row["majority_accuracy"] = vote["majority_accuracy"]
             row["mean_top_share"] = vote["mean_top_share"]
+    if (steps := _read(folder, "steps.json")) and "generated" in steps:
+        row["step_rows"] = steps["generated"]["rows"]
+        row["step_tokens"] = steps["generated"]["tokens"]
     if pairs := _read(folder, "pairs.json"):
         row["pairs"] = pairs["pairs"]
+        if "step_pairs" in pairs:
+            row["step_controlled_pairs"] = pairs["step_pairs"]["step_controlled"]
         row["pair_yield"] = round(pairs["problems_with_pairs"] / pairs["problems_seen"], 4) \
             if pairs["problems_seen"] else 0.0
     if train := _read(folder, "train.json"):
@@ -59,6 +64,8 @@ def iteration_row(folder: Path, k: int) -> dict:
             row["self_train_correct"] = train["second_round"]["correct_kept"]
         if "reward_accuracy" in train.get("dpo", {}):
             row["dpo_reward_accuracy"] = train["dpo"]["reward_accuracy"]
+        if "orpo" in train:
+            row["orpo_pairs"] = train["orpo"]["pairs"]
     return row
 
 

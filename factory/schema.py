@@ -44,6 +44,8 @@ SAMPLES = pa.schema(
         pa.field("text", pa.string(), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+        # step-controlled continuations: the temperature of each generated step (null: one temperature)
+        pa.field("step_temperatures", pa.list_(pa.float64())),
     ]
 )
 
@@ -79,6 +81,7 @@ PAIRS = pa.schema(
         pa.field("chosen_sample_id", pa.string()),  # null: the gold rationale
         pa.field("rejected_sample_id", pa.string()),
         pa.field("weight", pa.float64(), nullable=False),
+        pa.field("prefix_steps", pa.int32()),  # step-level pairs: steps of the shared prefix ending the prompt
     ]
 )
 
@@ -95,6 +98,21 @@ VOTES = pa.schema(
         pa.field("tied", pa.bool_(), nullable=False),  # two or more answers share the top count
         pa.field("entropy", pa.float64(), nullable=False),  # bits, over the answered samples' answers
         pa.field("majority_correct", pa.bool_()),  # audit only; null: no gold, or no majority
+    ]
+)
+
+# Step-level process scores of a sample (factory.labelers.process): one row per sample and source.
+PROCESS_SOURCES = ("rollouts", "prm")
+PROCESS = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # rollouts (Monte Carlo) | prm (the process reward model)
+        pa.field("step_scores", pa.list_(pa.float64()), nullable=False),  # one per step (factory.steps indexing)
+        pa.field("step_labels", pa.list_(pa.bool_())),  # rollouts: score above the threshold; null for prm
+        pa.field("path_reward", pa.float64(), nullable=False),  # mean or min of step_scores (params prm.aggregate)
+        pa.field("n_rollouts", pa.int32()),  # rollouts per step prefix; null for prm
+        pa.field("model_id", pa.string(), nullable=False),  # the policy that rolled out, or the PRM
     ]
 )
 
@@ -115,6 +133,7 @@ TABLES: dict[str, pa.Schema] = {
     "labels": LABELS,
     "pairs": PAIRS,
     "votes": VOTES,
+    "process": PROCESS,
     "dropped": DROPPED,
 }
 

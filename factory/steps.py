@@ -32,3 +32,34 @@ def step_index_at(text: str, offset: int, delimiter: str = "\n") -> int:
     Counts the non-empty, non-final-answer lines that end before `offset`.
     """
     return len(split_steps(text[:offset].rsplit(delimiter, 1)[0], delimiter)) if delimiter in text[:offset] else 0
+
+
+def prefix_text(text: str, n_steps: int, delimiter: str = "\n") -> str:
+    r"""The raw text of the first `n_steps` steps, through the delimiter that ends the last of them.
+
+    What a step-level continuation, rollout or pair prompt starts from: any
+    text appended to it keeps those steps, so
+    `split_steps(prefix_text(t, j) + more)[:j] == split_steps(t)[:j]`.
+
+    >>> prefix_text("a=<<1+1=2>>2\n\nb=<<2*3=6>>6\n#### 6", 1)
+    'a=<<1+1=2>>2\n'
+    >>> prefix_text("a\nb", 2), prefix_text("a\nb", 0)
+    ('a\nb\n', '')
+    """
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    if n_steps == 0:
+        return ""
+    seen, start = 0, 0
+    while start <= len(text):
+        end = text.find(delimiter, start)
+        line_end = len(text) if end < 0 else end
+        line = text[start:line_end].strip()
+        if line and not line.startswith(FINAL_ANSWER_MARKER):
+            seen += 1
+            if seen == n_steps:
+                return text[:line_end] + delimiter
+        if end < 0:
+            break
+        start = end + len(delimiter)
+    raise ValueError(f"text has {seen} steps, fewer than {n_steps}: {text[:80]!r}")

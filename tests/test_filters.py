@@ -3,6 +3,7 @@
 import json
 import random
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -267,7 +268,8 @@ def test_cli_filter_end_to_end(tmp_path, monkeypatch, capsys):
     assert read_table("dropped.parquet", "dropped").num_rows == 4
     provenance = read_provenance("kept.parquet")
     assert provenance["stage"] == "filter" and provenance["model_id"] == "m-test"
-    assert provenance["params"] == {"filter": {"min_steps": 1, "max_tokens": 256, "dedup_threshold": 0.7}}
+    assert provenance["params"] == {"filter": {"min_steps": 1, "max_tokens": 256, "dedup_threshold": 0.7,
+                                                     "calculator_consistent": False}}
     assert set(provenance["inputs"]) == {"samples", "labels"}
     assert read_provenance("dropped.parquet")["stage"] == "filter"
     assert json.loads((tmp_path / "counts.json").read_text())["kept"] == 2
@@ -291,3 +293,18 @@ def test_cli_filter_errors_name_the_sample_and_the_file(tmp_path, capsys):
     assert not out.exists()
     assert main(args[:-2] + ["--dropped", "d.parquet", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such params file" in capsys.readouterr().err
+
+
+def test_calculator_consistency_filter_drops_inconsistent_samples_only_when_asked():
+    from factory.filters import CalculatorConsistencyFilter, FilterConfig, build_filters
+
+    assert "calculator_consistent" not in [f.name for f in build_filters(FilterConfig())]
+    assert [f.name for f in build_filters(FilterConfig(calculator_consistent=True))] == [
+        "final_answer", "length", "calculator_consistent", "near_duplicate"]
+    table = pa.table({"calc_wrong": pa.array([0, 1, 0], pa.int32()), "calc_invalid": pa.array([0, 0, 2], pa.int32()),
+                      "first_error_step": pa.array([None, 1, None], pa.int32())})
+    rule = CalculatorConsistencyFilter()
+    assert rule.reasons(table).to_pylist() == [
+        None if verdict is True else verdict[1] for verdict in map(rule.judge, table.to_pylist())]
+    assert rule.reasons(table).to_pylist()[1] == \
+        "calculator inconsistent (calc_wrong=1, calc_invalid=0, first_error_step=1)"

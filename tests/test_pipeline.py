@@ -48,12 +48,15 @@ def project(tmp_path_factory):
     params["dpo"] |= {"epochs": 1, "batch_size": 16, "warmup_steps": 0}
     params["self_train"] |= {"n": 1, "steps": 2, "score_every": 2, "batch_size": 16, "warmup_steps": 0,
                              "dev_max_new_tokens": 16}
+    params["steps"] |= {"max_new_tokens": 64, "attempts": 2, "rollouts": 2, "rollout_samples": 8}
+    params["prm"] |= {"steps": 4, "batch_size": 8, "warmup_steps": 0}
+    params["orpo"] |= {"epochs": 1, "batch_size": 16, "warmup_steps": 0}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)
     return root
 
 
-ITERATION_STAGES = ("sample", "label", "filter", "pairs", "audit", "train", "eval")
+ITERATION_STAGES = ("sample", "label", "filter", "steps", "pairs", "audit", "train", "eval")
 
 
 def test_repro_runs_every_stage_then_nothing(project):
@@ -116,6 +119,36 @@ def test_switching_the_recipe_reruns_training_but_not_the_first_sampling(project
     assert read_model_lineage(project / "models" / "iter_1")["stage"] == "train:self_train"
     assert not (project / "models" / "iter_1" / "dpo").exists()
     assert json.loads((project / "metrics" / "flywheel.json").read_text())["recipe"] == "self_train"
+
+
+def test_step_level_recipes_run_in_the_same_pipeline_and_pass_the_gate(project):
+    """scdpo: step-controlled continuations and DPO; sipf_orpo: rollouts, a PRM and ORPO on a growing dataset."""
+    for recipe, extra in (("scdpo", {}), ("sipf_orpo", {"filter": {"calculator_consistent": True}})):
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["recipe"] = recipe
+        params["pairs"]["recipe"] = recipe
+        for section, values in extra.items():
+            params[section] |= values
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        out = run(["dvc", "repro"], project)
+        assert "Running stage 'steps@1'" in out and "Running stage 'sample@1'" not in out
+        for k in (1, 2):
+            audit = json.loads((project / "metrics" / "iterations" / f"iter_{k}" / "audit.json").read_text())
+            assert audit["passed"] and "step_negatives" in audit["checks"]
+            steps = json.loads((project / "metrics" / "iterations" / f"iter_{k}" / "steps.json").read_text())
+            generated = pq.read_table(project / "data" / f"iter_{k}" / "steps" / "samples.parquet").to_pylist()
+            assert steps["generated"]["rows"] == len(generated)
+            assert {row["generator"] for row in generated} <= {"step_controlled" if recipe == "scdpo" else "rollout"}
+            assert all(row["parent_sample_id"] and row["prefix_steps"] is not None for row in generated)
+        lineage = read_model_lineage(project / "models" / "iter_2")
+        assert lineage["stage"] == f"train:{recipe}"
+    process = pq.read_table(project / "data" / "iter_2" / "steps" / "process.parquet").to_pylist()
+    assert {row["source"] for row in process} <= {"rollouts", "prm"}
+    # The growing dataset: iteration 2's ORPO trained on iteration 1's pairs file and its own.
+    assert lineage["params"]["pairs_files"] == ["data/iter_1/pairs.parquet", "data/iter_2/pairs.parquet"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["recipe"], params["pairs"]["recipe"], params["filter"]["calculator_consistent"] = "dpo_st", "dpo_st", False
+    (project / "params.yaml").write_text(yaml.safe_dump(params))  # the next tests start from dpo_st again
 
 
 def test_changing_an_eval_knob_reruns_only_eval(project):

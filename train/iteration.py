@@ -24,6 +24,12 @@ Recipes (params.yaml `recipe`):
   where a problem has a gold answer, vote pairs where not).
 - `dpo`: the same training on gold pairs (the `dpo_st` rule): ScPO's supervised
   counterpart (IRPO-style), which tells what the votes cost against gold labels.
+- `scdpo` (Lu et al., 2024): the same DPO from the previous model on the naive
+  pairs plus the step-controlled ones (`factory steps`, the `scdpo` pair rule).
+- `sipf_orpo` (Chen et al., COLING 2025): ORPO from the previous model on the
+  PRM-ranked pairs of this iteration and of every earlier one: the dataset
+  grows across iterations. Earlier pair files are found through the previous
+  model's lineage, and their fingerprints are checked before use.
 
 A recipe that trains on pairs checks that the pairs file was made by its pair
 rule (the rows' `recipe`), so `recipe: scpo` on DPO-ST pairs is an error that
@@ -44,11 +50,13 @@ import pyarrow as pa
 
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
-RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo")
+RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo", "scdpo", "sipf_orpo")
 # The pair rule (params `pairs.recipe`) each pair-trained recipe needs.
-PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi", "dpo": "dpo_st"}
-# Recipes whose model is the DPO model itself: no second round of sampling, no SFT.
-DPO_ONLY = ("scpo", "scpo_semi", "dpo")
+PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi", "dpo": "dpo_st", "scdpo": "scdpo",
+              "sipf_orpo": "sipf_orpo"}
+# Recipes whose model is the preference-trained model itself: no second round of sampling, no SFT.
+DPO_ONLY = ("scpo", "scpo_semi", "dpo", "scdpo")
+PREFERENCE_ONLY = (*DPO_ONLY, "sipf_orpo")
 # The second round of sampling draws its noise from another stream than `sample@k`
 # (otherwise, from the same model, `self_train` would redraw the very same samples).
 SECOND_ROUND_SEED_OFFSET = 1_000_003
@@ -168,6 +176,51 @@ def _dpo_only(*, pairs: list[dict], pairs_path: str, prev_dir: str, out: Path, p
     return {"dpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
 
 
+def earlier_pairs(prev_dir: str) -> list[str]:
+    """The pair files the previous model's ORPO steps trained on (sipf_orpo's growing dataset), fingerprint-checked."""
+    from factory.ids import file_fingerprint
+    from factory.lineage import read_model_lineage
+
+    lineage = read_model_lineage(prev_dir) or {}
+    if not str(lineage.get("stage", "")).startswith("train:sipf_orpo"):
+        return []  # the warm-up, or another recipe's model: the dataset starts here
+    files = lineage["params"]["pairs_files"]
+    for index, path in enumerate(files):
+        if not Path(path).exists():
+            raise ValueError(f"{prev_dir}/lineage.json: pairs file {path!r} it trained on is missing")
+        if file_fingerprint(path) != lineage["data"][f"pairs_{index}"]:
+            raise ValueError(f"{prev_dir}/lineage.json: pairs file {path!r} changed since the model trained on it: "
+                             "re-run its iteration (dvc repro)")
+    return files
+
+
+def _orpo_only(*, pairs_path: str, prev_dir: str, out: Path, parent: str, orpo_config) -> dict:
+    """SIPF's step: ORPO from the previous model on this iteration's pairs and every earlier iteration's."""
+    from factory.lineage import read_table, write_model_lineage
+    from factory.params import as_dict
+    from train.orpo import main as orpo_main
+
+    files = [*earlier_pairs(prev_dir), pairs_path]
+    pairs = [row for path in files for row in read_table(path, "pairs").to_pylist()]
+    counts = {"pairs": len(pairs), "pairs_this_iteration": read_table(pairs_path, "pairs").num_rows,
+              "pairs_files": len(files)}
+    if pairs:
+        orpo = orpo_main(pairs=pairs, model_dir=prev_dir, out_dir=out, config=orpo_config)
+        metrics = {k: v for k, v in orpo.items() if isinstance(v, (int, float, str)) or v is None} | counts
+    else:  # a model too weak to make any pair: the previous model, unchanged, says so
+        from factory.modeling import load_model
+        from train.common import save_model_atomically
+
+        print(f"train: no sipf_orpo pairs in {pairs_path} or earlier; ORPO skipped", flush=True)
+        save_model_atomically(*load_model(prev_dir), out)
+        metrics = {"skipped": "no pairs"} | counts
+    record = write_model_lineage(out, stage="train:sipf_orpo", parent=parent,
+                                 data={f"pairs_{i}": path for i, path in enumerate(files)},
+                                 params={"recipe": "sipf_orpo", "orpo": as_dict(orpo_config), "pairs_files": files},
+                                 metrics=metrics)
+    return {"orpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
+
+
 def train_iteration(
     *,
     recipe: str,
@@ -184,6 +237,7 @@ def train_iteration(
     filter_config,
     dpo_config,
     self_train: SelfTrainConfig,
+    orpo_config=None,
 ) -> dict:
     """Run `recipe`'s training step; the new model lands in `out_dir`. Returns the step's summary."""
     from factory.lineage import model_id, read_table, write_model_lineage
@@ -197,6 +251,9 @@ def train_iteration(
 
     sample_from = Path(prev_dir)
     pairs = read_pairs_for(recipe, pairs_path)
+    if recipe == "sipf_orpo":
+        return summary | _orpo_only(pairs_path=pairs_path, prev_dir=prev_dir, out=out, parent=summary["prev_model"],
+                                    orpo_config=orpo_config)
     if recipe in PAIR_RULES and not pairs:
         # A model too weak to get any problem right makes no pairs: say so rather than crash.
         print(f"train: {pairs_path} has no pairs; DPO skipped", flush=True)

@@ -1,4 +1,4 @@
-"""Filters drop sample rows with a recorded reason: final answer, length, near-duplicates.
+"""Filters drop sample rows with a recorded reason: final answer, length, calculator consistency, near-duplicates.
 
 `run_filters` joins samples to their labels, applies the filters of
 `build_filters(config)` in order (each sees only what the previous kept) and
@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.filters.base import Filter, FilterResult, GroupFilter, reason_kind, reason_kind_counts
-from factory.filters.rules import FinalAnswerFilter, LengthFilter, NearDuplicateFilter
+from factory.filters.rules import CalculatorConsistencyFilter, FinalAnswerFilter, LengthFilter, NearDuplicateFilter
 from factory.schema import SAMPLES, validate
 
 __all__ = [
-    "Filter", "FilterConfig", "FilterResult", "FinalAnswerFilter", "GroupFilter", "LengthFilter",
+    "CalculatorConsistencyFilter", "Filter", "FilterConfig", "FilterResult", "FinalAnswerFilter", "GroupFilter", "LengthFilter",
     "NearDuplicateFilter", "build_filters", "join_labels", "join_labels_table", "reason_kind", "run_filters",
 ]
 
@@ -32,16 +32,18 @@ class FilterConfig:
     min_steps: int = 1  # drop rationales with fewer steps before `#### N`
     max_tokens: int = 256  # drop rationales longer than this many generated tokens
     dedup_threshold: float = 0.7  # drop a sample whose Jaccard similarity to a kept one exceeds this (DPO-ST)
+    calculator_consistent: bool = False  # drop samples with a wrong or invalid <<a=b>> annotation (SIPF)
 
     def __post_init__(self):
         build_filters(self)  # the filters check their own thresholds; a bad value fails here, by name
 
 
 def build_filters(config: FilterConfig) -> list[Filter]:
-    """The filters in the order they run: format, then length, then near-duplicates."""
+    """The filters in the order they run: format, length, calculator consistency (when asked), near-duplicates."""
     return [
         FinalAnswerFilter(),
         LengthFilter(min_steps=config.min_steps, max_tokens=config.max_tokens),
+        *([CalculatorConsistencyFilter()] if config.calculator_consistent else []),
         NearDuplicateFilter(threshold=config.dedup_threshold),
     ]
 

@@ -1,4 +1,4 @@
-"""The sample filters: final answer, length, near-duplicates.
+"""The sample filters: final answer, length, calculator consistency, near-duplicates.
 
 Rows are samples joined with their labels (so `answer_status`, `n_steps` and
 `correct` sit beside `text`, `n_tokens` and `finish_reason`). Each rule's
@@ -86,6 +86,36 @@ class LengthFilter(Filter):
                 "too few steps (n_steps=", steps.cast(pa.string()), f" < min_steps={self.min_steps})", "")),
             (pc.greater(tokens, self.max_tokens), pc.binary_join_element_wise(
                 "too many tokens (n_tokens=", tokens.cast(pa.string()), f" > max_tokens={self.max_tokens})", "")),
+        ])
+
+
+class CalculatorConsistencyFilter(Filter):
+    """Drop rationales with an annotation `<<a=b>>` that does not hold or cannot be evaluated.
+
+    Self-iterative process feedback (Chen et al., COLING 2025) keeps only
+    calculator-consistent samples before it scores their steps; params
+    `filter.calculator_consistent` switches it on.
+
+    >>> CalculatorConsistencyFilter().judge({"calc_wrong": 1, "calc_invalid": 0, "first_error_step": 2})
+    (False, 'calculator inconsistent (calc_wrong=1, calc_invalid=0, first_error_step=2)')
+    """
+
+    name = "calculator_consistent"
+    columns = ("calc_wrong", "calc_invalid", "first_error_step")
+
+    def judge(self, row: dict) -> Verdict:
+        if row["calc_wrong"] or row["calc_invalid"]:
+            return False, (f"calculator inconsistent (calc_wrong={row['calc_wrong']}, "
+                           f"calc_invalid={row['calc_invalid']}, first_error_step={row['first_error_step']})")
+        return True
+
+    def reasons(self, table: pa.Table) -> pa.Array:
+        wrong, invalid = table.column("calc_wrong"), table.column("calc_invalid")
+        first = table.column("first_error_step").cast(pa.string()).fill_null("None")
+        return _first_reason(table.num_rows, [
+            (pc.or_(pc.greater(wrong, 0), pc.greater(invalid, 0)), pc.binary_join_element_wise(
+                "calculator inconsistent (calc_wrong=", wrong.cast(pa.string()), ", calc_invalid=",
+                invalid.cast(pa.string()), ", first_error_step=", first, ")", "")),
         ])
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from factory.calculator import calculator_result
+from factory.steps import split_steps
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,33 @@ class DecodingConfig:
     calculator: bool = True
     stop_at_final_answer: bool = True  # end a row after its `#### N` line
     batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class StepTemperature:
+    """A per-step temperature schedule (SCDPO, Lu et al. 2024): step i is sampled at min(start + step*i, max).
+
+    Step i is the i-th non-empty line of the *generated* text (0-based; the
+    `#### N` line is not a step, as in `factory.steps`). Values are rounded to
+    12 decimals so that 1.1 + 0.1*1 is 1.2, not 1.2000000000000002.
+
+    >>> schedule = StepTemperature(1.1, 0.1, 1.4)
+    >>> [schedule.at(i) for i in range(5)]
+    [1.1, 1.2, 1.3, 1.4, 1.4]
+    """
+
+    start: float
+    step: float
+    max: float
+
+    def __post_init__(self) -> None:
+        if not self.start > 0:
+            raise ValueError(f"StepTemperature.start must be > 0, got {self.start!r}")
+        if not self.max >= self.start:
+            raise ValueError(f"StepTemperature.max must be >= start ({self.start!r}), got {self.max!r}")
+
+    def at(self, i: int) -> float:
+        return round(min(self.start + self.step * i, self.max), 12)
 
 
 @dataclass(frozen=True)
@@ -125,10 +153,16 @@ def _watched_tokens(tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], vocab
     return cached[key]
 
 
-def _filtered_logits(logits: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
+def _filtered_logits(
+    logits: torch.Tensor, config: DecodingConfig, temperatures: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits over the temperature (config's, or one per row), then top-k and top-p, each row on its own."""
     import torch
 
-    logits = logits.float() / config.temperature
+    if temperatures is None:
+        logits = logits.float() / config.temperature
+    else:
+        logits = logits.float() / temperatures[:, None]
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -173,13 +207,16 @@ def counter_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (_shift_right(x, 11).double() + 0.5) * 2.0**-53
 
 
-def _choose(logits: torch.Tensor, seeds: torch.Tensor, step: int, config: DecodingConfig) -> torch.Tensor:
-    """Greedy argmax, or Gumbel-max sampling with each row's counter-based noise."""
+def _choose(
+    logits: torch.Tensor, seeds: torch.Tensor, step: int, config: DecodingConfig,
+    temperatures: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy argmax, or Gumbel-max sampling with each row's noise (at each row's own temperature if given)."""
     import torch
 
-    if config.temperature <= 0:
+    if temperatures is None and config.temperature <= 0:
         return logits.argmax(-1)
-    filtered = _filtered_logits(logits, config)
+    filtered = _filtered_logits(logits, config, temperatures)
     gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, filtered.shape[-1])))
     return (filtered + gumbel.float()).argmax(-1)
 
@@ -234,12 +271,15 @@ def _new_cache(model, capacity: int):
     return Cache(layer_class_to_replicate=_preallocated_layer(capacity))
 
 
-def _decode_batch(model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids) -> list[Completion]:
+def _decode_batch(
+    model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids, step_temperature: StepTemperature | None = None,
+) -> list[Completion]:
     """Decode one batch. The batch shrinks as rows finish, so late steps run only the rows still writing.
 
     Per step, the host looks only at rows that wrote a watched token (EOS, `=`,
     newline) or are being fed calculator results; every other row's step is
-    tensor work.
+    tensor work. With `step_temperature`, each row samples at the schedule's
+    temperature for the number of steps (non-empty lines) it has completed.
     """
     import torch
 
@@ -281,12 +321,16 @@ def _decode_batch(model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids)
     positions = positions[:, -1:].to(device)
     watched = _watched_tokens(tokenizer, eos_ids, logits.shape[-1])
     done = [False] * size
+    temperatures = None  # per batch position, with a step schedule
+    if step_temperature is not None:
+        temperatures = torch.full((size,), step_temperature.at(0), dtype=torch.float32, device=device)
+    steps_done = [0] * size  # completed steps of each input row's generated text
 
     def generated_text(row: int, step: int) -> str:
         return "".join(texts[t] if t < len(texts) else "" for t in written[row, : step + 1].tolist())
 
     for step in range(config.max_new_tokens):
-        chosen = _choose(logits, row_seeds, step, config).cpu()
+        chosen = _choose(logits, row_seeds, step, config, temperatures).cpu()
         for row in list(forcing):
             state = calculators[row]
             chosen[position_of[row]] = state.forced.popleft()
@@ -306,6 +350,11 @@ def _decode_batch(model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids)
                 forcing.discard(row)
                 continue
             piece = texts[token]
+            if step_temperature is not None and "\n" in piece:
+                completed = len(split_steps(generated_text(row, step).rsplit("\n", 1)[0]))
+                if completed != steps_done[row]:
+                    steps_done[row] = completed
+                    temperatures[position] = step_temperature.at(completed)
             if (config.calculator and "=" in piece and not state.forced) or (
                 config.stop_at_final_answer and "\n" in piece
             ):
@@ -325,6 +374,8 @@ def _decode_batch(model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids)
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             attention, row_seeds, positions = attention[index], row_seeds[index], positions[index]
+            if temperatures is not None:
+                temperatures = temperatures[index]
             chosen = chosen[keep]
             live = [live[p] for p in keep]
             position_of = {row: position for position, row in enumerate(live)}
@@ -356,11 +407,15 @@ def generate(
     *,
     desc: str = "decoding",
     show_progress: bool = True,
+    step_temperature: StepTemperature | None = None,
 ) -> list[Completion]:
     """Decode one completion per prompt; `seeds[i]` drives row i's sampling noise.
 
     Prompts are sorted by length and batched, so rows of a batch need little
-    padding; results come back in the input order.
+    padding; results come back in the input order. With `step_temperature`
+    (step-controlled continuations), `config.temperature` is not used: a row
+    samples its i-th generated step (non-empty line, `factory.steps`) at
+    `step_temperature.at(i)`, with the same per-row noise as without it.
     """
     import torch
 
@@ -379,7 +434,7 @@ def generate(
             batch = order[start : start + config.batch_size]
             done = _decode_batch(
                 model, tokenizer, [prompts[i] for i in batch], [encoded[i] for i in batch],
-                [seeds[i] for i in batch], config, eos_ids,
+                [seeds[i] for i in batch], config, eos_ids, step_temperature,
             )
             for i, completion in zip(batch, done):
                 results[i] = completion

@@ -1,0 +1,191 @@
+"""Process reward model: step-end positions, a real training run on a learnable toy signal, batched scoring."""
+
+import doctest
+import random
+
+import pytest
+
+import train.prm
+from factory.modeling import format_prompt, load_model
+from train.prm import PRMConfig, encode, load_prm, path_reward, score_steps, step_text, train_prm
+
+pytestmark = pytest.mark.slow
+
+# Large steps so a few dozen updates move a random tiny model; the defaults are for real runs.
+FAST = PRMConfig(steps=40, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256)
+
+
+def toy_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
+    """Samples of 2-3 steps; a step is bad exactly when it holds the wrong annotation <<2+2=5>>."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        a = rng.randint(2, 20)
+        steps = [f"Mia has {a} marbles."]
+        for _ in range(rng.randint(1, 2)):
+            steps.append(rng.choice(["Then 2+2=<<2+2=4>>4 more.", "Then 2+2=<<2+2=5>>5 more."]))
+        labels = ["=5>>" not in s for s in steps]
+        examples.append({"prompt": format_prompt(tokenizer, f"Mia has {a} marbles. How many?"), "steps": steps,
+                         "labels": labels, "scores": [0.9 if good else 0.1 for good in labels]})
+    return examples
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory):
+    model, tokenizer = tiny_model
+    folder = tmp_path_factory.mktemp("policy")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    folder, tokenizer = base
+    out = tmp_path_factory.mktemp("prm") / "prm"
+    examples = toy_examples(tokenizer, 48)
+    return out, examples, train_prm(examples=examples, model_dir=folder, out_dir=out, config=FAST)
+
+
+def test_doctests():
+    assert doctest.testmod(train.prm).failed == 0
+
+
+def test_labels_sit_on_the_token_that_ends_each_step(base):
+    _, tokenizer = base
+    prompt = format_prompt(tokenizer, "Ann had 20 coins.")
+    steps = ["She kept 20-5=<<20-5=15>>15 coins.", "Then 15+2=<<15+2=17>>17 coins."]
+    ids, positions = encode(tokenizer, prompt, steps)
+    text, ends = step_text(prompt, steps)
+    assert text == prompt + steps[0] + "\n" + steps[1] + "\n" and [text[e] for e in ends] == ["\n", "\n"]
+    assert tokenizer.decode(ids) == text
+    assert [tokenizer.decode(ids[p]) for p in positions] == ["\n", "\n"]
+    assert positions[1] == len(ids) - 1
+    # What precedes each labelled token is the step itself, and nothing of the next step.
+    assert tokenizer.decode(ids[: positions[0] + 1]) == prompt + steps[0] + "\n"
+    # Truncation drops the steps that end beyond max_length.
+    _, cut = encode(tokenizer, prompt, steps, max_length=positions[1])
+    assert cut == [positions[0], -1]
+
+
+def test_step_ends_are_found_when_the_newline_merges_with_other_characters():
+    """A BPE without pre-tokenization learns tokens like '.\\nThen': the label goes on the token holding the newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    texts = [f"Q\nMia has {a} marbles.\nThen she buys {b}.\nThen she has {a + b}.\n" for a in range(10)
+             for b in range(10)]
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=290, special_tokens=["<pad>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    prompt, steps = "Q\n", ["Mia has 3 marbles.", "Then she buys 2.", "Then she has 5."]
+    ids, positions = encode(tokenizer, prompt, steps)
+    pieces = [tokenizer.decode(ids[p]) for p in positions]
+    # ' marbles.\nThen she buys ', '.\nThen she has ', '.\n': the newline merged on both sides.
+    assert pieces[0].startswith(" marbles.\nThen") and pieces[1].startswith(".\nThen"), pieces
+    assert all("\n" in piece for piece in pieces) and positions[-1] == len(ids) - 1, pieces
+
+
+def test_training_learns_which_steps_are_bad(trained):
+    out, examples, summary = trained
+    assert summary["examples"] == summary["examples_trained"] == 48
+    assert summary["steps"] == sum(len(e["steps"]) for e in examples)
+    positives = sum(sum(e["labels"]) for e in examples)
+    assert summary["positive_share"] == round(positives / summary["steps"], 4)
+    assert summary["steps_truncated"] == 0 and summary["config"]["head"] == "classification"
+    assert summary["train_loss_end"] < summary["train_loss_start"] / 2, summary
+    assert summary["train_accuracy_end"] >= 0.95 > summary["train_accuracy_start"], summary
+
+
+def test_scores_one_per_step_and_separates_good_from_bad(trained, tmp_path):
+    out, _, _ = trained
+    held_out = toy_examples(load_prm(out)[1], 12, seed=1)
+    scores = score_steps(out, [e["prompt"] for e in held_out], [e["steps"] for e in held_out], batch_size=5)
+    assert [len(s) for s in scores] == [len(e["steps"]) for e in held_out]
+    assert all(0.0 <= x <= 1.0 for row in scores for x in row)
+    good = [x for e, row in zip(held_out, scores) for x, y in zip(row, e["labels"]) if y]
+    bad = [x for e, row in zip(held_out, scores) for x, y in zip(row, e["labels"]) if not y]
+    assert bad and min(good) > 0.5 > max(bad), (good, bad)
+    assert score_steps(out, ["Q\n"], [[]]) == [[]]  # a sample with no steps has no scores
+
+
+def test_scores_do_not_depend_on_batching_or_padding_side(trained):
+    out, examples, _ = trained
+    model, tokenizer = load_prm(out)
+    short = examples[0]
+    longer = [{"prompt": e["prompt"] + "Think twice about it. " * k, "steps": e["steps"] * 2}
+              for k, e in enumerate(examples[1:4], start=1)]
+    alone = score_steps((model, tokenizer), [short["prompt"]], [short["steps"]])[0]
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        batch = score_steps((model, tokenizer), [e["prompt"] for e in longer] + [short["prompt"]],
+                            [e["steps"] for e in longer] + [short["steps"]])
+        assert batch[-1] == pytest.approx(alone, abs=1e-5)
+        assert [len(s) for s in batch[:-1]] == [len(e["steps"]) for e in longer]
+
+
+def test_regression_head_is_deterministic_and_scores_by_sigmoid(base, tmp_path):
+    import torch
+
+    folder, tokenizer = base
+    examples = toy_examples(tokenizer, 8)
+    config = PRMConfig(steps=3, learning_rate=3e-3, batch_size=4, warmup_steps=1, head="regression",
+                       aggregate="min")
+    first = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "a", config=config)
+    second = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "b", config=config)
+    assert {k: v for k, v in first.items() if k != "seconds_per_step"} == \
+           {k: v for k, v in second.items() if k != "seconds_per_step"}
+    a, b = load_prm(tmp_path / "a")[0], load_prm(tmp_path / "b")[0]
+    assert a.config.num_labels == 1 and a.config.prm == {"head": "regression", "aggregate": "min", "max_length": 512}
+    assert all(torch.equal(p, b.state_dict()[name]) for name, p in a.state_dict().items())
+    scores = score_steps(tmp_path / "a", [examples[0]["prompt"]], [examples[0]["steps"]])[0]
+    assert len(scores) == len(examples[0]["steps"]) and all(0.0 < x < 1.0 for x in scores)
+
+
+def test_the_head_is_new_and_the_backbone_loads(base, trained):
+    import torch
+
+    folder, _ = base
+    out, _, _ = trained
+    fresh, _ = load_prm(folder, num_labels=2)
+    causal, _ = load_model(folder)
+    backbone = {k: v for k, v in causal.state_dict().items() if k.startswith("model.")}
+    assert backbone and all(torch.equal(fresh.state_dict()[k], v) for k, v in backbone.items())
+    with pytest.raises(ValueError, match="already has a token-classification head"):
+        load_prm(out, num_labels=2)
+
+
+def test_path_reward():
+    assert path_reward([0.25, 0.75], "mean") == 0.5
+    assert path_reward([0.25, 0.75], "min") == 0.25
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        path_reward([0.5], "product")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "prm.steps must be >= 1"),
+    ("learning_rate", 0.0, "prm.learning_rate must be > 0"),
+    ("batch_size", 0, "prm.batch_size must be >= 1"),
+    ("max_length", 1, "prm.max_length must be >= 2"),
+    ("warmup_steps", -1, "prm.warmup_steps must be >= 0"),
+    ("head", "ranking", "prm.head must be one of"),
+    ("aggregate", "max", "prm.aggregate must be one of"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PRMConfig(**{field: value})
+
+
+def test_bad_examples_are_refused(base, tmp_path):
+    folder, tokenizer = base
+    good = toy_examples(tokenizer, 1)[0]
+    cases = [([], "needs labelled samples"),
+             ([{**good, "labels": good["labels"][:-1]}], "steps but"),
+             ([{**good, "scores": [1.5] * len(good["steps"])}], r"must lie in \[0, 1\]"),
+             ([{**good, "steps": ["a\nb"] + good["steps"][1:]}], "one non-empty line")]
+    for examples, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "x", config=FAST)
