@@ -249,7 +249,10 @@ def cmd_label(args) -> None:
     if args.summary:
         from factory.io import write_json
 
-        write_json(args.summary, label_summary(labels, votes))
+        summary_figures = label_summary(labels, votes)
+        if "n_tokens" in samples.column_names:  # the sampling budget, for comparing recipes at equal cost
+            summary_figures["sample_tokens"] = sum(samples.column("n_tokens").to_pylist())
+        write_json(args.summary, summary_figures)
     print(f"{args.out}: {labels.num_rows} labels ({summary}); {wrong} wrong calculator annotations")
 
 

@@ -43,6 +43,8 @@ def iteration_row(folder: Path, k: int) -> dict:
     if labels := _read(folder, "label.json"):
         row["sample_accuracy"] = labels["sample_accuracy"]
         row["solved_fraction"] = labels["solved_fraction"]
+        if "sample_tokens" in labels:
+            row["sample_tokens"] = labels["sample_tokens"]
         if vote := labels.get("vote"):
             row["majority_accuracy"] = vote["majority_accuracy"]
             row["mean_top_share"] = vote["mean_top_share"]
