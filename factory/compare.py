@@ -3,7 +3,7 @@
     factory compare --recipes sft,self_train,dpo_st --seeds 0,1
 
 For each seed and recipe it runs the pipeline as a DVC experiment
-(`dvc exp run -S recipe=R -S sample.seed=S -S dpo.seed=S -S self_train.seed=S`, plus the
+(`dvc exp run -S recipe=R -S sample.seed=S -S dpo.seed=S ...`, every seeded section, plus the
 recipe's own settings in `RECIPE_SETTINGS`: ScPO's pair rule and unlabeled problems),
 reads `metrics/flywheel.json`, and prints accuracy per iteration per recipe,
 like the DPO-ST paper's table. The warm-up (iteration 0) is shared by every
@@ -25,7 +25,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-SEEDED_SECTIONS = ("sample", "dpo", "self_train")
+SEEDED_SECTIONS = ("sample", "dpo", "self_train", "steps", "prm", "orpo")
 # What a recipe sets besides `recipe`: its pair rule and the problems it samples. Every recipe draws the same
 # samples per iteration: dpo_st and self_train 500 x 4 in `sample@k` plus a second round of 500 x 4; ScPO has
 # no second round, so it draws its 4,000 as 8 votes on each of 500 unlabeled problems (the semi-supervised

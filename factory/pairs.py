@@ -82,13 +82,15 @@ class StepData:
 
     `samples` are generated continuations (scdpo) or rollouts (sipf_orpo),
     `labels` their labels, `process` the step scores (`factory.labelers.process`);
-    `recipe` is the recipe the stage ran for, when read from its files.
+    `recipe` is the recipe the stage ran for, when read from its files, and
+    `delimiter` the step delimiter it cut steps with (params `steps.delimiter`).
     """
 
     samples: list[dict] = dataclasses.field(default_factory=list)
     labels: list[dict] = dataclasses.field(default_factory=list)
     process: list[dict] = dataclasses.field(default_factory=list)
     recipe: str | None = None
+    delimiter: str = "\n"
 
     def check_made_for(self, recipe: str) -> None:
         """Refuse step data the `steps` stage made for another recipe (e.g. empty tables for dpo_st)."""
@@ -387,7 +389,6 @@ def scdpo_pairs(
     iteration: int,
     config: PairsConfig,
     steps: StepData | None = None,
-    delimiter: str = "\n",
 ) -> tuple[list[dict], dict]:
     """Step-controlled DPO pairs (Lu et al., 2024): the naive pairs plus pairs that differ only after step j.
 
@@ -404,6 +405,7 @@ def scdpo_pairs(
     """
     steps = steps or StepData()
     steps.check_made_for(config.recipe)
+    delimiter = steps.delimiter
     naive, naive_summary = dpo_st_pairs(problems, samples, labels, prompt_for=prompt_for, iteration=iteration,
                                         config=config)
     label_by_id = _labels_by_id(labels, "labels")
@@ -445,18 +447,19 @@ def scdpo_pairs(
         add(_step_pair_row(config, iteration, parent["problem_id"], prompt_for(question[parent["problem_id"]]),
                            parent, continuation, j, delimiter), "step_controlled")
 
+    # The calculator labeler counts steps as lines, so its first_error_step cuts lines whatever the delimiter.
     for problem_id, group in _group_by_problem(samples).items():
-        correct = [(s, split_steps(s["text"], delimiter)) for s in group if label_by_id[s["sample_id"]]["correct"]]
+        correct = [(s, split_steps(s["text"])) for s in group if label_by_id[s["sample_id"]]["correct"]]
         for sample in group:
             label = label_by_id[sample["sample_id"]]
             j = label.get("first_error_step")
             if label["correct"] is not False or not j:
                 continue
-            own = split_steps(sample["text"], delimiter)[:j]
+            own = split_steps(sample["text"])[:j]
             match = next((s for s, s_steps in correct if s_steps[:j] == own and len(s_steps) > j), None)
             if match is not None:
                 add(_step_pair_row(config, iteration, problem_id, prompt_for(question[problem_id]), match, sample, j,
-                                   delimiter), "calculator_located")
+                                   "\n"), "calculator_located")
 
     rows = naive + sorted(rows, key=lambda r: (r["problem_id"], r["pair_id"]))
     summary = _summary(config, iteration, samples, rows, naive_summary["skipped"])

@@ -142,7 +142,8 @@ def read_step_data(steps_dir: str | None):
     if not steps_dir:
         return StepData()
     folder = Path(steps_dir)
+    params = read_provenance(folder / SAMPLES_FILE)["params"]
     return StepData(samples=read_table(folder / SAMPLES_FILE, "samples").to_pylist(),
                     labels=read_table(folder / LABELS_FILE, "labels").to_pylist(),
                     process=read_table(folder / PROCESS_FILE, "process").to_pylist(),
-                    recipe=read_provenance(folder / SAMPLES_FILE)["params"]["recipe"])
+                    recipe=params["recipe"], delimiter=params.get("steps", {}).get("delimiter", "\n"))

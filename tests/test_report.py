@@ -92,7 +92,8 @@ def test_experiment_command_sets_the_recipe_and_every_seed():
     command = experiment_command("self_train", 1)
     assert command[:3] == ["dvc", "exp", "run"]
     settings = [command[i + 1] for i, arg in enumerate(command) if arg == "-S"]
-    assert settings == ["recipe=self_train", "sample.seed=1", "dpo.seed=1", "self_train.seed=1"]
+    assert settings == ["recipe=self_train", "sample.seed=1", "dpo.seed=1", "self_train.seed=1", "steps.seed=1",
+                        "prm.seed=1", "orpo.seed=1"]
 
 
 def test_scpo_experiments_set_their_pair_rule_and_sample_unlabeled_problems_at_the_same_budget():
