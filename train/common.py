@@ -48,3 +48,13 @@ def save_model_atomically(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def last_epoch_mean(history: list[dict], key: str) -> float | None:
+    """Mean of `key` over the log entries of the last epoch (None if it was never logged)."""
+    logged = [e for e in history if key in e]
+    if not logged:
+        return None
+    last = max(e["epoch"] for e in logged)
+    values = [e[key] for e in logged if e["epoch"] > last - 1]
+    return round(sum(values) / len(values), 4)

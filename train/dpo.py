@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import load_model
-from train.common import cpu_safe_settings, save_model_atomically
+from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,16 +138,6 @@ def _weighted_dpo_trainer():
     return WeightedDPOTrainer
 
 
-def _last_epoch_mean(history: list[dict], key: str) -> float | None:
-    """Mean of `key` over the log entries of the last epoch (None if it was never logged)."""
-    logged = [e for e in history if key in e]
-    if not logged:
-        return None
-    last = max(e["epoch"] for e in logged)
-    values = [e[key] for e in logged if e["epoch"] > last - 1]
-    return round(sum(values) / len(values), 4)
-
-
 def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, config: DPOTrainConfig) -> dict:
     """Train `model_dir` with DPO (+ NLL) on `pairs`, save into `out_dir`; returns the training summary."""
     import torch
@@ -192,8 +182,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     steps = trainer.state.global_step
     return {
         "train_loss": round(losses_logged[-1], 4) if losses_logged else None,
-        "reward_accuracy": _last_epoch_mean(history, "rewards/accuracies"),
-        "reward_margin": _last_epoch_mean(history, "rewards/margins"),
+        "reward_accuracy": last_epoch_mean(history, "rewards/accuracies"),
+        "reward_margin": last_epoch_mean(history, "rewards/margins"),
         "pairs": len(pairs),
         "steps": steps,
         "seconds_per_step": round(seconds / max(steps, 1), 3),

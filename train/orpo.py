@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import load_model
-from train.common import cpu_safe_settings, save_model_atomically
+from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,16 +86,6 @@ def _orpo_trainer():
             return (*result, outputs.aux_loss) if self.aux_loss_enabled else result
 
     return CompletionOnlyORPOTrainer
-
-
-def _last_epoch_mean(history: list[dict], key: str) -> float | None:
-    """Mean of `key` over the log entries of the last epoch (None if it was never logged)."""
-    logged = [e for e in history if key in e]
-    if not logged:
-        return None
-    last = max(e["epoch"] for e in logged)
-    values = [e[key] for e in logged if e["epoch"] > last - 1]
-    return round(sum(values) / len(values), 4)
 
 
 def _prompt_tokens(tokenizer, prompt: str) -> int:
@@ -149,11 +139,11 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     steps = trainer.state.global_step
     return {
         "train_loss": round(losses_logged[-1], 4) if losses_logged else None,
-        "reward_accuracy": _last_epoch_mean(history, "rewards/accuracies"),
-        "reward_margin": _last_epoch_mean(history, "rewards/margins"),
-        "log_odds_ratio": _last_epoch_mean(history, "log_odds_ratio"),
-        "log_odds_chosen": _last_epoch_mean(history, "log_odds_chosen"),
-        "nll_loss": _last_epoch_mean(history, "nll_loss"),
+        "reward_accuracy": last_epoch_mean(history, "rewards/accuracies"),
+        "reward_margin": last_epoch_mean(history, "rewards/margins"),
+        "log_odds_ratio": last_epoch_mean(history, "log_odds_ratio"),
+        "log_odds_chosen": last_epoch_mean(history, "log_odds_chosen"),
+        "nll_loss": last_epoch_mean(history, "nll_loss"),
         "pairs": len(kept),
         "pairs_dropped": len(pairs) - len(kept),
         "steps": steps,
