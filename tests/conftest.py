@@ -30,3 +30,13 @@ def tiny_model():
     model = build_tiny_model(tokenizer, config)
     model.eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    """(folder, tokenizer): the tiny model saved as a model folder, for code that loads models from disk."""
+    model, tokenizer = tiny_model
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer

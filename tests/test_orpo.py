@@ -18,13 +18,8 @@ def question(a: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model, tmp_path_factory):
-    """A saved, untrained tiny model (folder) and its tokenizer."""
-    model, tokenizer = tiny_model
-    folder = tmp_path_factory.mktemp("base")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, tokenizer
+def base(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

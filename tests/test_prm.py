@@ -31,12 +31,8 @@ def toy_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model, tmp_path_factory):
-    model, tokenizer = tiny_model
-    folder = tmp_path_factory.mktemp("policy")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, tokenizer
+def base(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
