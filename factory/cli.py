@@ -113,7 +113,7 @@ def cmd_warmup(args) -> None:
 
 
 def cmd_train(args) -> None:
-    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo, scdpo, sipf_orpo.
+    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo, scdpo, sipf_orpo, mcts_dpo.
 
     Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo`, `self_train` and `orpo`.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
@@ -300,14 +300,15 @@ def cmd_sample(args) -> None:
 
 
 def cmd_steps(args) -> None:
-    """Make the step-level data of a recipe: SCDPO's step-controlled continuations, or SIPF's rollouts and PRM.
+    """Make the step-level data of a recipe: SCDPO's step-controlled continuations, SIPF's rollouts and PRM, or MCTS-DPO's search trees.
 
-    Reads params `recipe` (--recipe overrides it), `steps` and `prm`. For other recipes it writes the
+    Reads params `recipe` (--recipe overrides it), `steps`, `prm` and `mcts`. For other recipes it writes the
     same tables, empty. Output folder: samples.parquet (generated rows), labels.parquet, process.parquet
-    (step scores), and prm/ (sipf_orpo's process reward model).
+    (step scores), nodes.parquet (mcts_dpo's tree nodes), and prm/ (sipf_orpo's process reward model).
     Example: factory steps --recipe scdpo --model models/iter_0 --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --iteration 1 --out data/iter_1/steps
     """
     from factory.generators.steps import StepsConfig
+    from factory.generators.tree import MCTSConfig
     from factory.io import write_json
     from factory.params import section
     from factory.step_stage import run_steps
@@ -319,12 +320,19 @@ def cmd_steps(args) -> None:
     summary = run_steps(recipe=recipe, model_dir=args.model, problems_path=args.problems, samples_path=args.samples,
                         labels_path=args.labels, iteration=args.iteration, out=args.out,
                         steps_config=section(params, "steps", StepsConfig, path=args.params),
-                        prm_config=section(params, "prm", PRMConfig, path=args.params))
+                        prm_config=section(params, "prm", PRMConfig, path=args.params),
+                        mcts_config=section(params, "mcts", MCTSConfig, path=args.params))
     if args.summary:
         write_json(args.summary, summary)
-    generated = summary.get("generated")
-    print(f"{args.out}: {recipe}: " + (f"{generated['rows']} generated rows ({generated['tokens']} tokens) from "
-                                       f"{generated['parents']} samples" if generated else "no step-level data"))
+    generated, search = summary.get("generated"), summary.get("search")
+    if search:
+        made = (f"{search['nodes']} tree nodes ({search['generated_tokens']} tokens) from {search['trees']} trees, "
+                f"{search['committed_correct']} of whose committed paths reach the gold answer")
+    elif generated:
+        made = f"{generated['rows']} generated rows ({generated['tokens']} tokens) from {generated['parents']} samples"
+    else:
+        made = "no step-level data"
+    print(f"{args.out}: {recipe}: {made}")
 
 
 def cmd_pairs(args) -> None:
@@ -543,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
     p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
-    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo | scdpo | sipf_orpo (default: params `recipe`)")
+    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo | scdpo | sipf_orpo | mcts_dpo (default: params `recipe`)")
     p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--prev", required=True, help="previous iteration's model folder")
@@ -598,12 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or Hub id whose tokenizer formats prompts")
     p.add_argument("--iteration", type=int, required=True, help="iteration recorded on every pair")
     p.add_argument("--out", required=True, help="pairs Parquet to write")
-    p.add_argument("--steps", help="the `factory steps` folder (scdpo and sipf_orpo read it)")
+    p.add_argument("--steps", help="the `factory steps` folder (scdpo, sipf_orpo and mcts_dpo read it)")
     p.add_argument("--summary", help="also write the pair counts and skip reasons as JSON")
     p.add_argument("--params", default=DEFAULT_PARAMS)
 
-    p = command("steps", cmd_steps, "step-level data: step-controlled continuations (scdpo), rollouts and a PRM (sipf_orpo)")
-    p.add_argument("--recipe", help="scdpo | sipf_orpo | any other recipe: empty tables (default: params `recipe`)")
+    p = command("steps", cmd_steps, "step-level data: step-controlled continuations (scdpo), rollouts and a PRM "
+                "(sipf_orpo), search trees (mcts_dpo)")
+    p.add_argument("--recipe", help="scdpo | sipf_orpo | mcts_dpo | any other recipe: empty tables "
+                   "(default: params `recipe`)")
     p.add_argument("--model", required=True, help="the model that samples continuations and rollouts (the previous one)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--samples", required=True, help="the iteration's kept samples")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ID_PREFIXES = {"problem": "p-", "sample": "s-", "pair": "pair-", "model": "m-"}
+ID_PREFIXES = {"problem": "p-", "sample": "s-", "pair": "pair-", "model": "m-", "node": "n-"}
 _CHUNK = 1 << 20
 
 

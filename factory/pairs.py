@@ -43,6 +43,8 @@ TIED_VOTE = "tied_vote"  # ScPO: two answers share the most votes, so there is n
 LOW_CONSISTENCY = "low_consistency"  # ScPO: the top answer's vote share is below min_vote_share
 NO_MARGIN = "no_margin"  # SIPF: no sample's path reward is eta below a correct sample's
 NO_PROCESS_SCORE = "no_process_score"  # SIPF: the PRM scored none of the problem's samples
+NO_SIBLINGS = "no_siblings"  # MCTS-DPO: a committed node with fewer than two distinct children
+NO_Q_MARGIN = "no_q_margin"  # MCTS-DPO: its best and worst children's Q differ by less than min_q_margin
 SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE)
 VOTE_SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE, TIED_VOTE, LOW_CONSISTENCY)
 GOLD = "gold"  # stands for the gold rationale in pair ids (its chosen_sample_id is None)
@@ -63,6 +65,8 @@ class PairsConfig:
     min_vote_share: float = 0.5
     # SIPF's eta: chosen's path reward must exceed rejected's by at least this much.
     eta: float = 0.1
+    # MCTS-DPO: the best sibling's Q must exceed the worst's by at least this much.
+    min_q_margin: float = 0.2
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -74,6 +78,8 @@ class PairsConfig:
             raise ValueError(f"min_vote_share must be in [0, 1], got {self.min_vote_share!r}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+        if not self.min_q_margin >= 0.0:
+            raise ValueError(f"min_q_margin must be >= 0, got {self.min_q_margin!r}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class StepData:
     """What the `steps` stage made for an iteration (`factory steps`): the step-level recipes' extra input.
 
     `samples` are generated continuations (scdpo) or rollouts (sipf_orpo),
-    `labels` their labels, `process` the step scores (`factory.labelers.process`);
+    `labels` their labels, `process` the step scores (`factory.labelers.process`),
+    `nodes` the search trees (mcts_dpo, `factory.generators.tree`);
     `recipe` is the recipe the stage ran for, when read from its files, and
     `delimiter` the step delimiter it cut steps with (params `steps.delimiter`).
     """
@@ -89,6 +96,7 @@ class StepData:
     samples: list[dict] = dataclasses.field(default_factory=list)
     labels: list[dict] = dataclasses.field(default_factory=list)
     process: list[dict] = dataclasses.field(default_factory=list)
+    nodes: list[dict] = dataclasses.field(default_factory=list)
     recipe: str | None = None
     delimiter: str = "\n"
 
@@ -163,6 +171,8 @@ def _pair_row(config: PairsConfig, iteration: int, problem_id: str, prompt: str,
         "rejected_sample_id": rejected_id,
         "weight": weight,
         "prefix_steps": None,
+        "chosen_node_id": None,
+        "rejected_node_id": None,
     }
 
 
@@ -184,6 +194,8 @@ def _step_pair_row(config: PairsConfig, iteration: int, problem_id: str, prompt:
         "rejected_sample_id": rejected["sample_id"],
         "weight": 1.0,
         "prefix_steps": prefix_steps,
+        "chosen_node_id": None,
+        "rejected_node_id": None,
     }
 
 
@@ -196,7 +208,7 @@ def _summary(config: PairsConfig, iteration: int, samples: list[dict], rows: lis
         "problems_seen": len({s["problem_id"] for s in samples}),
         "problems_with_pairs": len({r["problem_id"] for r in rows}),
         "pairs": len(rows),
-        "pairs_with_gold": sum(r["chosen_sample_id"] is None for r in rows),
+        "pairs_with_gold": sum(r["chosen_sample_id"] is None and r["chosen_node_id"] is None for r in rows),
         "mean_weight": round(sum(weights) / len(weights), 4) if weights else None,
         "skipped": skipped,
     }
@@ -523,11 +535,105 @@ def sipf_orpo_pairs(
     return rows, summary
 
 
+def mcts_dpo_pairs(
+    problems: list[dict],
+    samples: list[dict],
+    labels: list[dict],
+    *,
+    prompt_for: Callable[[str], str],
+    iteration: int,
+    config: PairsConfig,
+    steps: StepData | None = None,
+) -> tuple[list[dict], dict]:
+    """Tree-search step pairs (MCTS-DPO, Xie et al., 2024): at each depth, the best and worst sibling.
+
+    For every node on the path each search committed to (`committed`, the
+    question included) with two or more visited children: chosen = the child
+    with the highest Q, rejected = the one with the lowest (ties: earlier
+    child), kept when their Q differs by at least `config.min_q_margin`.
+    prompt = question + the node's steps (`prefix_steps` counts them), so the
+    loss falls on the diverging step alone. `samples` and `labels` are not
+    read: the trees are the data.
+    """
+    steps = steps or StepData()
+    steps.check_made_for(config.recipe)
+    question = {p["problem_id"]: p["question"] for p in problems}
+    by_id = {node["node_id"]: node for node in steps.nodes}
+    children: dict[str, list[dict]] = {}
+    for node in steps.nodes:
+        if node["parent_node_id"] is not None:
+            if node["parent_node_id"] not in by_id:
+                raise ValueError(f"step nodes: node {node['node_id']!r} has parent {node['parent_node_id']!r}, "
+                                 "which is not in the file")
+            children.setdefault(node["parent_node_id"], []).append(node)
+
+    def path(node: dict) -> str:
+        parts = []
+        while node is not None:
+            parts.append(node["step"])
+            node = by_id.get(node["parent_node_id"]) if node["parent_node_id"] else None
+        return "".join(reversed(parts))
+
+    rows: list[dict] = []
+    skipped = dict.fromkeys((NO_SIBLINGS, NO_Q_MARGIN), 0)
+    margins: list[float] = []
+    for node in steps.nodes:
+        if not node["committed"] or node["terminal"]:
+            continue
+        visited = sorted((c for c in children.get(node["node_id"], []) if c["q"] is not None),
+                         key=lambda c: c["child_index"])
+        if len(visited) < 2:
+            skipped[NO_SIBLINGS] += 1
+            continue
+        best = max(visited, key=lambda c: (c["q"], -c["child_index"]))
+        worst = min(visited, key=lambda c: (c["q"], c["child_index"]))
+        margin = best["q"] - worst["q"]
+        if margin < config.min_q_margin or best is worst:
+            skipped[NO_Q_MARGIN] += 1
+            continue
+        if node["problem_id"] not in question:
+            raise ValueError(f"step nodes: node {node['node_id']!r} has problem {node['problem_id']!r}, "
+                             "which is not in the problems file")
+        prefix = path(node)
+        margins.append(margin)
+        rows.append({
+            "pair_id": content_id("pair", config.recipe, iteration, node["problem_id"], best["node_id"],
+                                  worst["node_id"]),
+            "problem_id": node["problem_id"],
+            "iteration": iteration,
+            "recipe": config.recipe,
+            "prompt": prompt_for(question[node["problem_id"]]) + prefix,
+            "chosen": best["step"],
+            "rejected": worst["step"],
+            "chosen_sample_id": None,
+            "rejected_sample_id": None,
+            "weight": 1.0,
+            "prefix_steps": len(split_steps(prefix)),
+            "chosen_node_id": best["node_id"],
+            "rejected_node_id": worst["node_id"],
+        })
+    summary = _summary(config, iteration, samples, rows, skipped)
+    summary |= {"trees": len({n["problem_id"] for n in steps.nodes}),
+                "mean_q_margin": round(sum(margins) / len(margins), 4) if margins else None,
+                "pairs_by_prefix_steps": _count_by(r["prefix_steps"] for r in rows),
+                "terminal_chosen": sum(by_id[r["chosen_node_id"]]["terminal"] for r in rows),
+                "correct_chosen": sum(by_id[r["chosen_node_id"]]["outcome"] == 1 for r in rows),
+                "wrong_rejected": sum(by_id[r["rejected_node_id"]]["outcome"] == -1 for r in rows)}
+    return rows, summary
+
+
+def _count_by(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
 Recipe = Callable[..., tuple[list[dict], dict]]
 RECIPES: dict[str, Recipe] = {"dpo_st": dpo_st_pairs, "scpo": scpo_pairs, "scpo_semi": scpo_semi_pairs,
-                              "scdpo": scdpo_pairs, "sipf_orpo": sipf_orpo_pairs}
+                              "scdpo": scdpo_pairs, "sipf_orpo": sipf_orpo_pairs, "mcts_dpo": mcts_dpo_pairs}
 # Recipes whose rule reads the `steps` stage's rows.
-STEP_RECIPES = ("scdpo", "sipf_orpo")
+STEP_RECIPES = ("scdpo", "sipf_orpo", "mcts_dpo")
 
 
 def recipe_function(name: str) -> Recipe:
@@ -759,4 +865,6 @@ def _pair_rows(questions: pa.Array, problem_ids: pa.Array, owner: np.ndarray, ch
         "rejected_sample_id": rejected_id,
         "weight": pa.array(np.ones(n), pa.float64()),
         "prefix_steps": pa.nulls(n, pa.int32()),
+        "chosen_node_id": pa.nulls(n, pa.string()),
+        "rejected_node_id": pa.nulls(n, pa.string()),
     }, schema=PAIRS)

@@ -82,6 +82,8 @@ PAIRS = pa.schema(
         pa.field("rejected_sample_id", pa.string()),
         pa.field("weight", pa.float64(), nullable=False),
         pa.field("prefix_steps", pa.int32()),  # step-level pairs: steps of the shared prefix ending the prompt
+        pa.field("chosen_node_id", pa.string()),  # tree-search pairs (mcts_dpo): the sides' `nodes` rows
+        pa.field("rejected_node_id", pa.string()),
     ]
 )
 
@@ -116,6 +118,35 @@ PROCESS = pa.schema(
     ]
 )
 
+# Tree search (factory.generators.tree, recipe mcts_dpo): one row per node, a node being a step prefix.
+# visits = (1 if value is not null) + the children's visits, and q = the mean value over the node's subtree,
+# so `factory.generators.tree.rebuild` (or a recursive SQL query) recomputes both from `value`.
+NODES = pa.schema(
+    [
+        pa.field("node_id", pa.string(), nullable=False),
+        pa.field("parent_node_id", pa.string()),  # null: the question (the first root)
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),  # the policy that searched
+        pa.field("depth", pa.int32(), nullable=False),  # nodes between the question and this one
+        pa.field("child_index", pa.int32(), nullable=False),  # order among its siblings
+        pa.field("created", pa.int32(), nullable=False),  # the search round that made it (0: the question)
+        pa.field("step", pa.string(), nullable=False),  # this node's step; a non-terminal one ends with a newline
+        pa.field("draws", pa.int32(), nullable=False),  # the parent's candidates that wrote this same step
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("logprob", pa.float64()),  # the policy's log-probability of the step (its own tokens, T=1)
+        pa.field("prior", pa.float64()),  # PUCT prior: softmax over siblings of the length-normalised logprob
+        pa.field("terminal", pa.bool_(), nullable=False),  # final answer, end of text, or the depth limit
+        pa.field("answer", pa.string()),  # terminal nodes: the path's final answer
+        pa.field("outcome", pa.float64()),  # terminal nodes: +1 correct, -1 not
+        pa.field("self_eval", pa.float64()),  # the policy's P(yes) that the last step is correct
+        pa.field("value", pa.float64()),  # outcome_weight * outcome + self_eval_weight * (2 * self_eval - 1)
+        pa.field("visits", pa.int32(), nullable=False),
+        pa.field("q", pa.float64()),  # mean value of the subtree; null when never visited
+        pa.field("committed", pa.bool_(), nullable=False),  # on the path the search committed to
+    ]
+)
+
 DROPPED = pa.schema(
     [
         pa.field("row_id", pa.string(), nullable=False),  # id of the dropped row in its own table
@@ -134,6 +165,7 @@ TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
     "votes": VOTES,
     "process": PROCESS,
+    "nodes": NODES,
     "dropped": DROPPED,
 }
 

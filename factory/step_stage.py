@@ -13,7 +13,10 @@ What it makes depends on the recipe (params `recipe`):
   source "rollouts"); a process reward model trained on those step labels from
   the sampling model (`train/prm.py`, saved in `prm/`); and the PRM's step
   scores and path reward for every kept sample (source "prm").
-- any other recipe: the same three tables, empty, so the pipeline has one shape.
+- `mcts_dpo`: a search tree per problem (`factory.generators.tree.tree_search`)
+  over the first `mcts.problems` problems the iteration sampled (in the
+  problems file's order), every node a `nodes` row.
+- any other recipe: the same four tables, empty, so the pipeline has one shape.
 
 Generated rows are ordinary `samples` rows with `parent_sample_id` and
 `prefix_steps`, so the audit's SQL sees them beside the samples they came from.
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-STEP_RECIPES = ("scdpo", "sipf_orpo")
+GENERATING_RECIPES = ("scdpo", "sipf_orpo")  # recipes whose step data are `samples` rows
 SAMPLES_FILE, LABELS_FILE, PROCESS_FILE, PRM_DIR = "samples.parquet", "labels.parquet", "process.parquet", "prm"
+NODES_FILE = "nodes.parquet"
 
 
 def _generated_tokens(rows: list[dict]) -> int:
@@ -34,7 +38,7 @@ def _generated_tokens(rows: list[dict]) -> int:
 
 
 def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: str, labels_path: str,
-              iteration: int, out: str, steps_config, prm_config) -> dict:
+              iteration: int, out: str, steps_config, prm_config, mcts_config=None) -> dict:
     """Write the recipe's step-level tables into `out`; returns the stage's summary."""
     from factory.lineage import read_table, write_table
     from factory.params import as_dict
@@ -49,7 +53,18 @@ def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: 
     process: list[pa.Table] = []
     params: dict = {"recipe": recipe}
     mid = None
-    if recipe in STEP_RECIPES:
+    nodes: list[dict] = []
+    if recipe == "mcts_dpo":
+        nodes, summary["search"] = _search(model_dir=model_dir, problems_path=problems_path, labels_path=labels_path,
+                                           iteration=iteration, config=mcts_config)
+        from factory.lineage import model_id
+
+        mid = model_id(model_dir)
+        params |= {"mcts": as_dict(mcts_config)}
+        summary["generated"] = {"rows": len(nodes), "tokens": summary["search"]["generated_tokens"],
+                                "correct": summary["search"]["correct_terminal_nodes"],
+                                "parents": summary["search"]["expansions"]}
+    if recipe in GENERATING_RECIPES:
         from factory.generators import steps as step_generators
         from factory.labelers import label_samples
         from factory.lineage import model_id
@@ -83,7 +98,24 @@ def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: 
     process_table = pa.concat_tables(process) if process else from_rows([], "process")
     write_table(process_table, out_dir / PROCESS_FILE, kind="process", stage="steps", params=params,
                 inputs=inputs | {"rollouts": out_dir / SAMPLES_FILE})
+    write_table(from_rows(nodes, "nodes"), out_dir / NODES_FILE, kind="nodes", stage="steps", params=params,
+                inputs={"problems": problems_path, "labels": labels_path}, model_id=mid)
     return summary
+
+
+def _search(*, model_dir: str, problems_path: str, labels_path: str, iteration: int, config) -> tuple[list, dict]:
+    """MCTS-DPO's trees: one per problem the iteration sampled, the first `config.problems` with a gold answer."""
+    from factory.generators.tree import tree_search
+    from factory.lineage import model_id, read_table
+    from factory.modeling import load_model
+
+    sampled = set(read_table(labels_path, "labels").column("problem_id").to_pylist())
+    problems = [p for p in read_table(problems_path, "problems").to_pylist()
+                if p["problem_id"] in sampled and p["gold_answer"] is not None]
+    if config.problems:
+        problems = problems[: config.problems]
+    model, tokenizer = load_model(model_dir)
+    return tree_search(model, tokenizer, problems, config, model_id=model_id(model_dir), iteration=iteration)
 
 
 def _process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labels, steps_config, prm_config,
@@ -143,7 +175,8 @@ def read_step_data(steps_dir: str | None):
         return StepData()
     folder = Path(steps_dir)
     params = read_provenance(folder / SAMPLES_FILE)["params"]
+    nodes = read_table(folder / NODES_FILE, "nodes").to_pylist() if (folder / NODES_FILE).exists() else []
     return StepData(samples=read_table(folder / SAMPLES_FILE, "samples").to_pylist(),
                     labels=read_table(folder / LABELS_FILE, "labels").to_pylist(),
-                    process=read_table(folder / PROCESS_FILE, "process").to_pylist(),
+                    process=read_table(folder / PROCESS_FILE, "process").to_pylist(), nodes=nodes,
                     recipe=params["recipe"], delimiter=params.get("steps", {}).get("delimiter", "\n"))

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP, ITER1 = "m-00000000000000a0", "m-00000000000000a1"
 BASE = "m-0000000000000bas"
 TABLES = ["data/problems.parquet", "data/iter_1/samples.parquet", "data/iter_1/labels.parquet",
-          "data/iter_1/votes.parquet", "data/iter_1/pairs.parquet"]
+          "data/iter_1/votes.parquet", "data/iter_1/pairs.parquet", "data/iter_1/steps/nodes.parquet"]
 
 
 def problem(i, split, question=None):
@@ -67,6 +67,7 @@ def build(root: Path, *, pairs_model=WARMUP, pairs=None, problems=None, samples=
     write_table(from_rows(labels, "labels"), root / TABLES[2], kind="labels", stage="label",
                 inputs={"samples": root / TABLES[1]})
     write_table(from_rows(votes, "votes"), root / TABLES[3], kind="votes", stage="label")
+    write_table(from_rows([], "nodes"), root / TABLES[5], kind="nodes", stage="steps")  # no tree search here
     write_table(from_rows(pairs, "pairs"), root / TABLES[4], kind="pairs", stage="pairs", model_id=pairs_model,
                 inputs={"samples": root / TABLES[1], "labels": root / TABLES[2]})
     for folder, model, stage, parent, data in [

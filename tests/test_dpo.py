@@ -199,3 +199,60 @@ def test_cli_dpo_writes_lineage_with_the_base_model_as_parent(base, pairs, tmp_p
     assert lineage["params"]["dpo"]["epochs"] == 1 and lineage["metrics"]["pairs"] == 8
     assert list(lineage["data"]) == ["pairs"]
     assert f"{out}: model {lineage['model_id']}" in capsys.readouterr().out
+
+
+def _plain_logps(model, tokenizer, prompt: str, completion: str) -> float:
+    """Summed log-prob of `completion` alone (no EOS) after `prompt`."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    logps = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return logps[len(prompt_ids) - 1 :].sum().item()
+
+
+def test_open_ended_tree_steps_are_scored_without_the_appended_eos(base, pairs):
+    """A tree-search step with more to come (mcts_dpo) must not teach EOS: its appended EOS leaves the mask."""
+    from types import SimpleNamespace
+
+    import torch
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from train.dpo import _weighted_dpo_trainer, drop_appended_eos, open_ended
+
+    folder, _ = base
+    model, tokenizer = load_model(folder)
+    steps = [{"prompt": p["prompt"], "chosen": p["chosen"].split("\n")[0] + "\n",
+              "rejected": p["rejected"].split("\n")[0] + "\n", "chosen_node_id": "n-c", "rejected_node_id": "n-r"}
+             for p in pairs[:3]]
+    assert all(open_ended(s, "chosen") and open_ended(s, "rejected") for s in steps)
+    assert not open_ended(pairs[0], "chosen")  # a whole rationale, and no tree node: EOS stays
+    examples = []
+    for s in steps:
+        prompt_ids = tokenizer(s["prompt"])["input_ids"]
+        examples.append({side + "_ids": tokenizer(s["prompt"] + s[side] + tokenizer.eos_token)["input_ids"][
+            len(prompt_ids):] for side in ("chosen", "rejected")} | {"prompt_ids": prompt_ids})
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
+    drop_appended_eos(batch, list(range(6)), tokenizer.eos_token_id)
+    with torch.no_grad():
+        scored = _weighted_dpo_trainer().completion_logps(SimpleNamespace(fused_lm_head=False), model, batch)
+    expected = [_plain_logps(model, tokenizer, s["prompt"], s[side]) for side in ("chosen", "rejected") for s in steps]
+    assert scored.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_trainer_drops_eos_only_for_open_ended_sides(base, pairs, tmp_path, monkeypatch):
+    import train.dpo
+
+    calls = []
+    drop = train.dpo.drop_appended_eos
+    monkeypatch.setattr(train.dpo, "drop_appended_eos", lambda batch, rows, eos: (calls.append(rows),
+                                                                                   drop(batch, rows, eos)))
+    mixed = [dict(p, chosen=p["chosen"].split("\n")[0] + "\n", chosen_node_id="n-c", rejected_node_id="n-r")
+             if i % 2 else p for i, p in enumerate(pairs)]
+    main(pairs=mixed, model_dir=base[0], out_dir=tmp_path / "dpo", config=FAST)
+    # The reference pass (2 batches, in order) and the policy's 4 (shuffled): only chosen rows (0-3) lose their
+    # EOS, 4 open-ended chosen sides per pass over the data.
+    assert calls[:2] == [[1, 3], [1, 3]]
+    assert all(row < 4 for rows in calls for row in rows) and sum(map(len, calls)) == 4 * 3

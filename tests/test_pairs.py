@@ -171,8 +171,8 @@ def test_inputs_that_do_not_join_are_errors_naming_the_sample():
 
 
 def test_recipes_and_config_are_checked():
-    assert RECIPES["dpo_st"] is dpo_st_pairs and set(RECIPES) == {"dpo_st", "scpo", "scpo_semi", "scdpo", "sipf_orpo"}
-    with pytest.raises(ValueError, match=r"unknown pairs recipe 'best'; known: \['dpo_st', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo'\]"):
+    assert RECIPES["dpo_st"] is dpo_st_pairs and set(RECIPES) == {"dpo_st", "scpo", "scpo_semi", "scdpo", "sipf_orpo", "mcts_dpo"}
+    with pytest.raises(ValueError, match=r"unknown pairs recipe 'best'; known: \['dpo_st', 'mcts_dpo', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo'\]"):
         PairsConfig(recipe="best")
     with pytest.raises(ValueError, match="min_vote_share must be in"):
         PairsConfig(min_vote_share=1.5)
@@ -242,7 +242,7 @@ def test_cli_writes_pairs_with_provenance_and_summary(cli_inputs, capsys):
     # The model whose samples these are: audits/wrong_model.sql checks every side against it.
     assert provenance["stage"] == "pairs" and provenance["model_id"] == model_id(argv[argv.index("--model") + 1])
     assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True,
-                                                 "min_vote_share": 0.5, "eta": 0.1}
+                                                 "min_vote_share": 0.5, "eta": 0.1, "min_q_margin": 0.2}
     assert set(provenance["inputs"]) == {"problems", "samples", "labels"}
     assert json.loads(summary.read_text())["skipped"] == {"no_positive": 0, "no_negative": 1}
     assert "3 dpo_st pairs from 1 of 2 problems" in capsys.readouterr().out
@@ -265,5 +265,5 @@ def test_cli_errors_name_the_sample_and_file(cli_inputs, capsys):
     assert main([*argv, "--out", str(tmp_path / "pairs.parquet")]) == 2
     assert f"{paths['labels']}: no label for sample 's-w1'" in capsys.readouterr().err
     assert main([*argv, "--recipe", "best", "--out", str(tmp_path / "pairs.parquet")]) == 2
-    assert "unknown pairs recipe 'best'; known: ['dpo_st', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo']" in capsys.readouterr().err
+    assert "unknown pairs recipe 'best'; known: ['dpo_st', 'mcts_dpo', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo']" in capsys.readouterr().err
     assert not (tmp_path / "pairs.parquet").exists()

@@ -93,7 +93,7 @@ def test_experiment_command_sets_the_recipe_and_every_seed():
     assert command[:3] == ["dvc", "exp", "run"]
     settings = [command[i + 1] for i, arg in enumerate(command) if arg == "-S"]
     assert settings == ["recipe=self_train", "sample.seed=1", "dpo.seed=1", "self_train.seed=1", "steps.seed=1",
-                        "prm.seed=1", "orpo.seed=1"]
+                        "prm.seed=1", "orpo.seed=1", "mcts.seed=1"]
 
 
 def test_scpo_experiments_set_their_pair_rule_and_sample_unlabeled_problems_at_the_same_budget():

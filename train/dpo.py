@@ -21,6 +21,8 @@ Where we depart from the papers:
 - The NLL term is on for DPO-ST too: plain DPO collapsed in this project's
   prototype (the chosen answers' likelihood fell and answers with the wrong
   number of steps went from 3% to 23%; see DESIGN.md).
+- Step-level pairs from a search tree whose sides are steps with more to come
+  (`mcts_dpo`) are trained without the EOS TRL appends to every completion.
 - A subclass rather than TRL's loss types: TRL 1.x has no per-example weights
   (its `use_weighting` is WPO's, computed from the policy), and its "sft" term
   is a token mean over the batch rather than a per-pair mean.
@@ -64,6 +66,23 @@ def weighted_dpo_nll_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_re
     return (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
 
 
+def open_ended(pair: dict, side: str) -> bool:
+    """A tree-search step with more steps to come (`mcts_dpo`: a node's step ending with its newline).
+
+    TRL appends EOS to every completion; trained on such a step, the model would learn to stop after it.
+    """
+    return bool(pair.get(f"{side}_node_id")) and pair[side].endswith("\n")
+
+
+def drop_appended_eos(batch: dict, rows: list[int], eos: int) -> None:
+    """Take the EOS TRL appended to each of `rows` (open-ended completions) out of its completion mask."""
+    mask = batch["completion_mask"]
+    for row in rows:
+        positions = mask[row].nonzero()
+        if len(positions) and batch["input_ids"][row, positions[-1, 0]] == eos:
+            mask[row, positions[-1, 0]] = 0
+
+
 def _weighted_dpo_trainer():
     """DPOTrainer with `weighted_dpo_nll_loss`: the pairs' `weight` column rides along in every batch."""
     import torch
@@ -73,19 +92,34 @@ def _weighted_dpo_trainer():
         def __init__(self, *args, nll_weight: float, **kwargs):
             super().__init__(*args, **kwargs)
             self.nll_weight = nll_weight
+            self._wrap_collator()
+
+        def _wrap_collator(self) -> None:
+            """Batches carry the pairs' weights, and open-ended sides lose their EOS (policy and reference alike)."""
             collate = self.data_collator
+            if getattr(collate, "wrapped", False):
+                return
+            eos = self.processing_class.eos_token_id
 
             def collate_with_weights(examples):
                 batch = collate(examples)
                 batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
+                open_rows = [i for i, e in enumerate(examples) if e["chosen_open"]]
+                open_rows += [len(examples) + i for i, e in enumerate(examples) if e["rejected_open"]]
+                drop_appended_eos(batch, open_rows, eos)
                 return batch
 
+            collate_with_weights.wrapped = True
             self.data_collator = collate_with_weights
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._wrap_collator()  # TRL precomputes inside __init__, before the subclass's own setup
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            if "weight" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "weight"]
+            extra = [c for c in ("weight", "chosen_open", "rejected_open") if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *extra]
 
         @property
         def fused_lm_head(self) -> bool:
@@ -153,7 +187,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-                                  "weight": float(p.get("weight", 1.0))} for p in pairs])
+                                  "weight": float(p.get("weight", 1.0)), "chosen_open": open_ended(p, "chosen"),
+                                  "rejected_open": open_ended(p, "rejected")} for p in pairs])
     steps_per_epoch = -(-len(pairs) // config.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(

@@ -30,6 +30,9 @@ Recipes (params.yaml `recipe`):
   PRM-ranked pairs of this iteration and of every earlier one: the dataset
   grows across iterations. Earlier pair files are found through the previous
   model's lineage, and their fingerprints are checked before use.
+- `mcts_dpo` (Xie et al., 2024): the same DPO from the previous model on the
+  step-level pairs of its search trees (`factory steps`, the `mcts_dpo` pair
+  rule): on-policy, iterated.
 
 A recipe that trains on pairs checks that the pairs file was made by its pair
 rule (the rows' `recipe`), so `recipe: scpo` on DPO-ST pairs is an error that
@@ -50,12 +53,12 @@ import pyarrow as pa
 
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
-RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo", "scdpo", "sipf_orpo")
+RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo", "scdpo", "sipf_orpo", "mcts_dpo")
 # The pair rule (params `pairs.recipe`) each pair-trained recipe needs.
 PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi", "dpo": "dpo_st", "scdpo": "scdpo",
-              "sipf_orpo": "sipf_orpo"}
+              "sipf_orpo": "sipf_orpo", "mcts_dpo": "mcts_dpo"}
 # Recipes whose model is the preference-trained model itself: no second round of sampling, no SFT.
-DPO_ONLY = ("scpo", "scpo_semi", "dpo", "scdpo")
+DPO_ONLY = ("scpo", "scpo_semi", "dpo", "scdpo", "mcts_dpo")
 PREFERENCE_ONLY = (*DPO_ONLY, "sipf_orpo")
 # The second round of sampling draws its noise from another stream than `sample@k`
 # (otherwise, from the same model, `self_train` would redraw the very same samples).

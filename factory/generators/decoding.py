@@ -80,8 +80,9 @@ class StepTemperature:
 class Completion:
     text: str
     n_tokens: int
-    finish_reason: str  # "stop" (EOS or final answer written) or "length"
+    finish_reason: str  # "stop" (EOS or final answer written), "step" (one step written, on request) or "length"
     forced_tokens: int  # tokens written by the calculator
+    logprob: float | None = None  # on request: the model's log-probability (T=1) of the tokens it chose itself
 
 
 def calculator_completion(text: str, handled_eq: int = -1) -> tuple[int, str | None]:
@@ -271,8 +272,14 @@ def _new_cache(model, capacity: int):
     return Cache(layer_class_to_replicate=_preallocated_layer(capacity))
 
 
+def _ends_a_step(text: str) -> bool:
+    """Whether `text` holds a complete non-empty line: one step written (`factory.steps`)."""
+    return any(line.strip() for line in text.split("\n")[:-1])
+
+
 def _decode_batch(
     model, tokenizer, prompts, prompt_ids, seeds, config, eos_ids, step_temperature: StepTemperature | None = None,
+    *, stop_at_step_end: bool = False, logprobs: bool = False,
 ) -> list[Completion]:
     """Decode one batch. The batch shrinks as rows finish, so late steps run only the rows still writing.
 
@@ -280,6 +287,8 @@ def _decode_batch(
     newline) or are being fed calculator results; every other row's step is
     tensor work. With `step_temperature`, each row samples at the schedule's
     temperature for the number of steps (non-empty lines) it has completed.
+    With `stop_at_step_end`, a row ends once it completes a non-empty line;
+    with `logprobs`, each written token's log-probability is kept on device.
     """
     import torch
 
@@ -304,6 +313,8 @@ def _decode_batch(
             state.queue_result(prompt, encode)
     forcing = {row for row, state in enumerate(calculators) if state.forced}  # rows being fed results
     written = torch.full((size, config.max_new_tokens), pad, dtype=torch.long)  # tokens per input row
+    token_logprobs = torch.zeros((size, config.max_new_tokens), device=device) if logprobs else None
+    forced_at = torch.zeros((size, config.max_new_tokens), dtype=torch.bool) if logprobs else None
     n_written = [config.max_new_tokens] * size
     reasons = ["length"] * size
     live = list(range(size))  # input row of each batch position
@@ -335,9 +346,14 @@ def _decode_batch(
             state = calculators[row]
             chosen[position_of[row]] = state.forced.popleft()
             state.n_forced += 1
+            if forced_at is not None:
+                forced_at[row, step] = True
             if not state.forced:
                 forcing.discard(row)
         written[live, step] = chosen
+        if token_logprobs is not None:
+            scores = logits.float().log_softmax(-1).gather(-1, chosen.to(device)[:, None])[:, 0]
+            token_logprobs[live, step] = scores
         attend = watched[chosen].nonzero().flatten().tolist()
         for position in attend:
             row, token = live[position], int(chosen[position])
@@ -367,6 +383,10 @@ def _decode_batch(
                     finished.append(position)
                     done[row], n_written[row], reasons[row] = True, step + 1, "stop"
                     forcing.discard(row)
+            if stop_at_step_end and not done[row] and "\n" in piece and _ends_a_step(generated_text(row, step)):
+                finished.append(position)
+                done[row], n_written[row], reasons[row] = True, step + 1, "step"
+                forcing.discard(row)
         if len(finished) == len(live) or step + 1 == config.max_new_tokens:
             break
         if len(finished) * 8 >= len(live):  # drop finished rows once they are an eighth of the batch
@@ -390,11 +410,16 @@ def _decode_batch(
             past_key_values=cache,
             use_cache=True,
         ).logits[:, -1, :]
+    totals = None
+    if token_logprobs is not None:
+        lengths = torch.arange(config.max_new_tokens)[None, :] < torch.tensor(n_written)[:, None]
+        totals = (token_logprobs.cpu() * (lengths & ~forced_at)).sum(-1).tolist()
     completions = []
     for row in range(size):
         ids = [t for t in written[row, : n_written[row]].tolist() if t not in eos_ids]
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        completions.append(Completion(text.rstrip("\n"), n_written[row], reasons[row], calculators[row].n_forced))
+        completions.append(Completion(text.rstrip("\n"), n_written[row], reasons[row], calculators[row].n_forced,
+                                      None if totals is None else totals[row]))
     return completions
 
 
@@ -408,6 +433,8 @@ def generate(
     desc: str = "decoding",
     show_progress: bool = True,
     step_temperature: StepTemperature | None = None,
+    stop_at_step_end: bool = False,
+    logprobs: bool = False,
 ) -> list[Completion]:
     """Decode one completion per prompt; `seeds[i]` drives row i's sampling noise.
 
@@ -416,6 +443,9 @@ def generate(
     (step-controlled continuations), `config.temperature` is not used: a row
     samples its i-th generated step (non-empty line, `factory.steps`) at
     `step_temperature.at(i)`, with the same per-row noise as without it.
+    With `stop_at_step_end` (tree search), a row stops after its first
+    non-empty line, finish_reason "step" (the final-answer line still ends it
+    with "stop"); `logprobs` fills `Completion.logprob`.
     """
     import torch
 
@@ -435,6 +465,7 @@ def generate(
             done = _decode_batch(
                 model, tokenizer, [prompts[i] for i in batch], [encoded[i] for i in batch],
                 [seeds[i] for i in batch], config, eos_ids, step_temperature,
+                stop_at_step_end=stop_at_step_end, logprobs=logprobs,
             )
             for i, completion in zip(batch, done):
                 results[i] = completion
