@@ -50,7 +50,7 @@ TABLE_DESCRIPTIONS = {
     "labels": "One row per sample: its final answer, the answer's status against gold, calculator checks and votes.",
     "votes": "One row per sampled problem: the majority vote over its samples' final answers.",
     "pairs": "Preference pairs for DPO (prompt, chosen, rejected, weight); a null `chosen_sample_id` marks the "
-             "gold rationale.",
+             "gold rationale, unless `chosen_node_id` names the search-tree step it came from (mcts_dpo).",
     "dropped": "Every row a filter removed, with the filter, the reason and the whole row as JSON.",
     "eval": "Each iteration's model's predictions on the test splits (`iter_k`: the model of iteration k).",
 }

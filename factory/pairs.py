@@ -45,6 +45,7 @@ NO_MARGIN = "no_margin"  # SIPF: no sample's path reward is eta below a correct 
 NO_PROCESS_SCORE = "no_process_score"  # SIPF: the PRM scored none of the problem's samples
 NO_SIBLINGS = "no_siblings"  # MCTS-DPO: a committed node with fewer than two distinct children
 NO_Q_MARGIN = "no_q_margin"  # MCTS-DPO: its best and worst children's Q differ by less than min_q_margin
+UNGROUNDED = "ungrounded"  # MCTS-DPO: fewer than two children with min_terminals terminal nodes in their subtree
 SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE)
 VOTE_SKIP_REASONS = (NO_POSITIVE, NO_NEGATIVE, TIED_VOTE, LOW_CONSISTENCY)
 GOLD = "gold"  # stands for the gold rationale in pair ids (its chosen_sample_id is None)
@@ -67,6 +68,9 @@ class PairsConfig:
     eta: float = 0.1
     # MCTS-DPO: the best sibling's Q must exceed the worst's by at least this much.
     min_q_margin: float = 0.2
+    # MCTS-DPO: siblings whose subtree holds fewer terminal nodes (judged against gold) than this are not paired;
+    # 0 is the paper's rule, for a policy whose self-evaluation is informative.
+    min_terminals: int = 1
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -80,6 +84,8 @@ class PairsConfig:
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
         if not self.min_q_margin >= 0.0:
             raise ValueError(f"min_q_margin must be >= 0, got {self.min_q_margin!r}")
+        if isinstance(self.min_terminals, bool) or not isinstance(self.min_terminals, int) or self.min_terminals < 0:
+            raise ValueError(f"min_terminals must be an integer >= 0, got {self.min_terminals!r}")
 
 
 @dataclass(frozen=True)
@@ -548,9 +554,11 @@ def mcts_dpo_pairs(
     """Tree-search step pairs (MCTS-DPO, Xie et al., 2024): at each depth, the best and worst sibling.
 
     For every node on the path each search committed to (`committed`, the
-    question included) with two or more visited children: chosen = the child
-    with the highest Q, rejected = the one with the lowest (ties: earlier
-    child), kept when their Q differs by at least `config.min_q_margin`.
+    question included) with two or more visited children whose subtrees hold
+    at least `config.min_terminals` terminal nodes (so their Q rests on gold
+    outcomes, not on self-evaluation alone): chosen = the child with the
+    highest Q, rejected = the one with the lowest (ties: earlier child), kept
+    when their Q differs by at least `config.min_q_margin`.
     prompt = question + the node's steps (`prefix_steps` counts them), so the
     loss falls on the diverging step alone. `samples` and `labels` are not
     read: the trees are the data.
@@ -574,8 +582,12 @@ def mcts_dpo_pairs(
             node = by_id.get(node["parent_node_id"]) if node["parent_node_id"] else None
         return "".join(reversed(parts))
 
+    terminals: dict[str, int] = {}  # terminal nodes in each node's subtree, children before parents
+    for node in sorted(steps.nodes, key=lambda n: -n["depth"]):
+        terminals[node["node_id"]] = int(node["terminal"]) + sum(terminals[c["node_id"]]
+                                                                 for c in children.get(node["node_id"], []))
     rows: list[dict] = []
-    skipped = dict.fromkeys((NO_SIBLINGS, NO_Q_MARGIN), 0)
+    skipped = dict.fromkeys((NO_SIBLINGS, UNGROUNDED, NO_Q_MARGIN), 0)
     margins: list[float] = []
     for node in steps.nodes:
         if not node["committed"] or node["terminal"]:
@@ -584,6 +596,10 @@ def mcts_dpo_pairs(
                          key=lambda c: c["child_index"])
         if len(visited) < 2:
             skipped[NO_SIBLINGS] += 1
+            continue
+        visited = [c for c in visited if terminals[c["node_id"]] >= config.min_terminals]
+        if len(visited) < 2:
+            skipped[UNGROUNDED] += 1
             continue
         best = max(visited, key=lambda c: (c["q"], -c["child_index"]))
         worst = min(visited, key=lambda c: (c["q"], c["child_index"]))

@@ -1,6 +1,8 @@
 """`factory lineage ID`: the ancestry of a pair, sample, problem, model or table file.
 
-A pair leads to its problem and its two samples; a sample to its problem, the
+A pair leads to its problem and its two samples (or, for a tree-search pair,
+its two tree nodes, each up its tree to the question, the searching model and
+the nodes file); a sample to its problem, the
 model that generated it and the sample it continues (if any); a model to its
 training data and its parent model, back to the base model. Every file on the
 way is shown with the stage that wrote it, the params it recorded and its
@@ -53,6 +55,8 @@ class Tracer:
             return self.sample(target)
         if target.startswith(ID_PREFIXES["problem"]):
             return self.problem(target)
+        if target.startswith(ID_PREFIXES["node"]):
+            return self.tree_node(target)
         if target.startswith(ID_PREFIXES["model"]) or target.startswith("hub:"):
             return self.model(target)
         raise ValueError(f"{target!r}: not an id (prefixes: {', '.join(ID_PREFIXES.values())}) "
@@ -76,8 +80,10 @@ class Tracer:
         node = Node("pair", pair_id, {"iteration": row["iteration"], "recipe": row["recipe"], "weight": row["weight"]})
         node.parents.append(self.problem(row["problem_id"], brief=True))
         for side in ("chosen", "rejected"):
-            sample_id = row[f"{side}_sample_id"]
-            if sample_id is None:
+            sample_id, node_id = row[f"{side}_sample_id"], row.get(f"{side}_node_id")
+            if node_id is not None:
+                node.parents.append(self.tree_node(node_id, role=side))
+            elif sample_id is None:
                 node.parents.append(Node(side, "gold rationale", {"problem_id": row["problem_id"]}))
             else:
                 node.parents.append(self.sample(sample_id, role=side))
@@ -103,6 +109,20 @@ class Tracer:
             node.parents.append(self.sample(row["parent_sample_id"], role="parent sample"))
         node.parents.append(self.model(row["model_id"]))
         node.parents.append(self.file_node(row["file"]))
+        return node
+
+    def tree_node(self, node_id: str, *, role: str = "tree node") -> Node:
+        """A search-tree node (mcts_dpo): its step and statistics, then its parent, up to the question."""
+        row = self._row("nodes", "node_id", node_id)
+        if row is None:
+            raise ValueError(f"{node_id}: no such node in this project's nodes tables")
+        facts = {key: row[key] for key in ("iteration", "problem_id", "depth", "step", "visits", "q", "value",
+                                           "outcome", "self_eval", "committed")}
+        node = Node(role, node_id, facts)
+        if row["parent_node_id"]:
+            node.parents.append(self.tree_node(row["parent_node_id"], role="parent node"))
+        else:
+            node.parents += [self.model(row["model_id"]), self.file_node(row["file"])]
         return node
 
     def problem(self, problem_id: str, *, brief: bool = False) -> Node:

@@ -242,7 +242,8 @@ def test_cli_writes_pairs_with_provenance_and_summary(cli_inputs, capsys):
     # The model whose samples these are: audits/wrong_model.sql checks every side against it.
     assert provenance["stage"] == "pairs" and provenance["model_id"] == model_id(argv[argv.index("--model") + 1])
     assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True,
-                                                 "min_vote_share": 0.5, "eta": 0.1, "min_q_margin": 0.2}
+                                                 "min_vote_share": 0.5, "eta": 0.1, "min_q_margin": 0.2,
+                                                 "min_terminals": 1}
     assert set(provenance["inputs"]) == {"problems", "samples", "labels"}
     assert json.loads(summary.read_text())["skipped"] == {"no_positive": 0, "no_negative": 1}
     assert "3 dpo_st pairs from 1 of 2 problems" in capsys.readouterr().out

@@ -242,7 +242,7 @@ def test_problems_need_a_gold_answer(tiny_model):
 # ---------------------------------------------------------------- pairs from trees
 
 
-def tree_rows(children_q: list[float | None], *, committed: bool = True) -> list[dict]:
+def tree_rows(children_q: list[float | None], *, committed: bool = True, terminal: bool = True) -> list[dict]:
     def row(node_id, parent, depth, step, q, index=0, is_committed=False, terminal=False):
         return {"node_id": node_id, "parent_node_id": parent, "problem_id": "p-0", "iteration": 1,
                 "model_id": "m-test", "depth": depth, "child_index": index, "created": depth, "step": step,
@@ -252,13 +252,14 @@ def tree_rows(children_q: list[float | None], *, committed: bool = True) -> list
 
     rows = [row("n-root", None, 0, "", 0.0, is_committed=True),
             row("n-a", "n-root", 1, "First 1+1=2.\n", 0.0, is_committed=committed)]
-    rows += [row(f"n-a{i}", "n-a", 2, f"Then step {i}.\n", q, index=i) for i, q in enumerate(children_q)]
+    rows += [row(f"n-a{i}", "n-a", 2, f"Then step {i}.\n", q, index=i, terminal=terminal)
+             for i, q in enumerate(children_q)]
     return rows
 
 
-def make_pairs(rows, margin=0.2):
+def make_pairs(rows, margin=0.2, min_terminals=1):
     return mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: f"Q: {q}\nA:\n", iteration=1,
-                          config=PairsConfig(recipe="mcts_dpo", min_q_margin=margin),
+                          config=PairsConfig(recipe="mcts_dpo", min_q_margin=margin, min_terminals=min_terminals),
                           steps=StepData(nodes=rows, recipe="mcts_dpo"))
 
 
@@ -279,6 +280,14 @@ def test_pairs_need_a_margin_and_a_committed_parent():
     assert make_pairs(tree_rows([0.1, 0.9], committed=False))[1]["pairs"] == 0
 
 
+def test_pairs_need_siblings_whose_q_rests_on_gold_outcomes():
+    # Children with no terminal node below them have a Q of self-evaluation alone: not paired by default.
+    assert make_pairs(tree_rows([0.1, 0.9], terminal=False))[1]["skipped"]["ungrounded"] == 1
+    assert make_pairs(tree_rows([0.1, 0.9], terminal=False), min_terminals=0)[1]["pairs"] == 1  # the paper's rule
+    with pytest.raises(ValueError, match="min_terminals must be an integer >= 0"):
+        PairsConfig(recipe="mcts_dpo", min_terminals=-1)
+
+
 def test_pairs_refuse_step_data_of_another_recipe():
     with pytest.raises(ValueError, match="made for recipe 'scdpo'"):
         mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=str, iteration=1, config=PairsConfig(recipe="mcts_dpo"),
@@ -291,7 +300,7 @@ def test_audit_checks_pass_on_a_search_and_catch_a_tampered_tree(searched, tmp_p
 
     rows, _ = searched
     pairs, _ = mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: q, iteration=1,
-                              config=PairsConfig(recipe="mcts_dpo", min_q_margin=0.0),
+                              config=PairsConfig(recipe="mcts_dpo", min_q_margin=0.0, min_terminals=0),
                               steps=StepData(nodes=rows, recipe="mcts_dpo"))
     assert pairs
     checks = [c for c in load_checks("audits") if c.name in ("tree_values", "tree_pairs")]
@@ -313,3 +322,29 @@ def test_audit_checks_pass_on_a_search_and_catch_a_tampered_tree(searched, tmp_p
     # The node's own visits no longer add up, nor do its parent's children's.
     assert {row[0] for row in found["tree_values"].rows} == {inner["node_id"], inner["parent_node_id"]}
     assert found["tree_pairs"].rows[0][-1] == "text differs from the nodes' steps"
+
+
+def test_lineage_of_a_tree_pair_walks_its_nodes_up_to_the_question(searched, tmp_path):
+    from factory.lineage import write_table
+    from factory.trace import trace
+
+    rows, _ = searched
+    pairs, _ = mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: q, iteration=1,
+                              config=PairsConfig(recipe="mcts_dpo", min_q_margin=0.0, min_terminals=0),
+                              steps=StepData(nodes=rows, recipe="mcts_dpo"))
+    write_table(from_rows([dict(p, source="test") for p in PROBLEMS], "problems"), tmp_path / "data/problems.parquet",
+                kind="problems", stage="problems")
+    write_table(from_rows(rows, "nodes"), tmp_path / "data/iter_1/steps/nodes.parquet", kind="nodes", stage="steps",
+                model_id="m-test")
+    write_table(from_rows(pairs, "pairs"), tmp_path / "data/iter_1/pairs.parquet", kind="pairs", stage="pairs")
+    deepest = max(pairs, key=lambda p: p["prefix_steps"])
+    tree = trace(deepest["pair_id"], tmp_path)
+    assert [p.kind for p in tree.parents] == ["problem", "chosen", "rejected", "file"]
+    chosen = tree.parents[1]
+    assert chosen.id == deepest["chosen_node_id"] and chosen.facts["step"] == deepest["chosen"]
+    chain, node = [], chosen
+    while node.parents and node.parents[0].kind == "parent node":
+        node = node.parents[0]
+        chain.append(node)
+    assert chain[-1].facts["depth"] == 0 and [p.kind for p in chain[-1].parents] == ["model", "file"]
+    assert trace(chain[-1].id, tmp_path).facts["step"] == ""
