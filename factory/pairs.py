@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -631,18 +632,12 @@ def mcts_dpo_pairs(
     summary = _summary(config, iteration, samples, rows, skipped)
     summary |= {"trees": len({n["problem_id"] for n in steps.nodes}),
                 "mean_q_margin": round(sum(margins) / len(margins), 4) if margins else None,
-                "pairs_by_prefix_steps": _count_by(r["prefix_steps"] for r in rows),
+                "pairs_by_prefix_steps": {str(steps): count for steps, count
+                                          in sorted(Counter(r["prefix_steps"] for r in rows).items())},
                 "terminal_chosen": sum(by_id[r["chosen_node_id"]]["terminal"] for r in rows),
                 "correct_chosen": sum(by_id[r["chosen_node_id"]]["outcome"] == 1 for r in rows),
                 "wrong_rejected": sum(by_id[r["rejected_node_id"]]["outcome"] == -1 for r in rows)}
     return rows, summary
-
-
-def _count_by(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[str(value)] = counts.get(str(value), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
 Recipe = Callable[..., tuple[list[dict], dict]]

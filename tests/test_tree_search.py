@@ -38,7 +38,6 @@ def node(name: str, parent: Node | None, *, prior=None, value=None, terminal=Fal
                 prior=prior, value=value, terminal=terminal)
     if parent is not None:
         parent.children.append(made)
-        parent.expanded = True
     return made
 
 

@@ -129,9 +129,12 @@ class Node:
     value: float | None = None
     visits: int = 0
     value_sum: float = 0.0
-    expanded: bool = False
     committed: bool = False
     children: list[Node] = field(default_factory=list)
+
+    @property
+    def expanded(self) -> bool:
+        return bool(self.children)  # an expansion makes at least one child (width >= 1)
 
     @property
     def q(self) -> float | None:
@@ -221,7 +224,7 @@ def expand(parent: Node, candidates: list[tuple[str, int, float, bool]], *, leng
     for child, prior in zip(children, priors([c.logprob for c in children], [c.n_tokens for c in children],
                                             length_penalty)):
         child.prior = prior
-    parent.children, parent.expanded = children, True
+    parent.children = children
     return children
 
 
@@ -276,8 +279,11 @@ def _first_step(text: str, finish_reason: str) -> str:
     return text + "\n"  # the decoder strips trailing newlines
 
 
-def self_evaluate(model, tokenizer, texts: list[str], config: MCTSConfig) -> list[float]:
-    """P(yes) / (P(yes) + P(no)) after each evaluation prompt, batched: the first token where the answers differ."""
+def self_evaluate(model, tokenizer, texts: list[str], config: MCTSConfig) -> tuple[list[float], int]:
+    """P(yes) / (P(yes) + P(no)) after each evaluation prompt, batched: the first token where the answers differ.
+
+    Also returns the prompt tokens scored.
+    """
     import torch
 
     yes_ids = tokenizer.encode(config.self_eval_yes, add_special_tokens=False)
@@ -311,7 +317,7 @@ def self_evaluate(model, tokenizer, texts: list[str], config: MCTSConfig) -> lis
             for i, p in zip(chunk, pair):
                 scores[i] = p
     model.train(was_training)
-    return scores
+    return scores, sum(map(len, encoded))
 
 
 def expansion_seed(seed: int, node_id: str, index: int) -> int:
@@ -364,11 +370,13 @@ def tree_search(model, tokenizer, problems: list[dict], config: MCTSConfig, *, m
             for tree in trees:
                 if not tree.done:
                     tree.root = commit_path(tree.root)
-                    tree.done = tree.root.terminal or not tree.root.children and tree.root.expanded
+                    tree.done = tree.root.terminal
             if all(tree.done for tree in trees):
                 break
+        bar.total = bar.n  # trees that all end early leave rounds unused
+        bar.refresh()
     rows = [row for tree in trees for row in _rows(tree, model_id=model_id, iteration=iteration)]
-    finals = [_committed_leaf(tree.first_root) for tree in trees]
+    finals = [tree.root for tree in trees]  # each tree's root ends at the end of its committed path
     summary = {"trees": len(trees), "nodes": len(rows), "rounds": rounds, **counts,
                "terminal_nodes": sum(r["terminal"] for r in rows),
                "correct_terminal_nodes": sum(r["outcome"] == 1 for r in rows),
@@ -405,23 +413,15 @@ def _expand_and_evaluate(model, tokenizer, leaves: list[tuple[_Tree, Node]], con
         child.answer, child.outcome = answer, 1.0 if correct else -1.0
     if config.self_eval_weight > 0:
         texts = [config.self_eval_prompt.format(prompt=tree.prompt, steps=path_text(child)) for tree, child in flat]
-        counts["self_eval_tokens"] += sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
-        for (_, child), score in zip(flat, self_evaluate(model, tokenizer, texts, config)):
+        scores, prompt_tokens = self_evaluate(model, tokenizer, texts, config)
+        counts["self_eval_tokens"] += prompt_tokens
+        for (_, child), score in zip(flat, scores):
             child.self_eval = score
     for _, leaf, children in new:
         for child in children:
             child.value = node_value(child.outcome, child.self_eval, config)
             child.visits, child.value_sum = 1, child.value
         backup(leaf, [child.value for child in children])
-
-
-def _committed_leaf(root: Node) -> Node:
-    node = root
-    while True:
-        nxt = next((c for c in node.children if c.committed), None)
-        if nxt is None:
-            return node
-        node = nxt
 
 
 def _rows(tree: _Tree, *, model_id: str, iteration: int) -> list[dict]:
