@@ -53,13 +53,14 @@ def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: 
     process: list[pa.Table] = []
     params: dict = {"recipe": recipe}
     mid = None
-    nodes: list[dict] = []
-    if recipe == "mcts_dpo":
-        nodes, summary["search"] = _search(model_dir=model_dir, problems_path=problems_path, labels_path=labels_path,
-                                           iteration=iteration, config=mcts_config)
+    if recipe in (*GENERATING_RECIPES, "mcts_dpo"):
         from factory.lineage import model_id
 
-        mid = model_id(model_dir)
+        mid = model_id(model_dir)  # hashes the weights: once
+    nodes: list[dict] = []
+    if recipe == "mcts_dpo":
+        nodes, summary["search"] = _search(model_dir=model_dir, policy_id=mid, problems_path=problems_path,
+                                           labels_path=labels_path, iteration=iteration, config=mcts_config)
         params |= {"mcts": as_dict(mcts_config)}
         summary["generated"] = {"rows": len(nodes), "tokens": summary["search"]["generated_tokens"],
                                 "correct": summary["search"]["correct_terminal_nodes"],
@@ -67,10 +68,8 @@ def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: 
     if recipe in GENERATING_RECIPES:
         from factory.generators import steps as step_generators
         from factory.labelers import label_samples
-        from factory.lineage import model_id
         from factory.modeling import load_model
 
-        mid = model_id(model_dir)
         params |= {"steps": as_dict(steps_config)}
         problems_table = read_table(problems_path, "problems")
         problems, kept = problems_table.to_pylist(), read_table(samples_path, "samples").to_pylist()
@@ -103,10 +102,11 @@ def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: 
     return summary
 
 
-def _search(*, model_dir: str, problems_path: str, labels_path: str, iteration: int, config) -> tuple[list, dict]:
+def _search(*, model_dir: str, policy_id: str, problems_path: str, labels_path: str, iteration: int,
+            config) -> tuple[list, dict]:
     """MCTS-DPO's trees: one per problem the iteration sampled, the first `config.problems` with a gold answer."""
     from factory.generators.tree import tree_search
-    from factory.lineage import model_id, read_table
+    from factory.lineage import read_table
     from factory.modeling import load_model
 
     sampled = set(read_table(labels_path, "labels").column("problem_id").to_pylist())
@@ -115,7 +115,7 @@ def _search(*, model_dir: str, problems_path: str, labels_path: str, iteration: 
     if config.problems:
         problems = problems[: config.problems]
     model, tokenizer = load_model(model_dir)
-    return tree_search(model, tokenizer, problems, config, model_id=model_id(model_dir), iteration=iteration)
+    return tree_search(model, tokenizer, problems, config, model_id=policy_id, iteration=iteration)
 
 
 def _process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labels, steps_config, prm_config,
