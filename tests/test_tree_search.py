@@ -145,25 +145,24 @@ def test_config_names_the_bad_field():
 
 def test_decoder_stops_after_one_step_and_reports_its_log_probability(tiny_model):
     model, tokenizer = tiny_model
-    biased = NewlineBiased(model, tokenizer, BIAS)
-    prompts = [format_prompt(tokenizer, "Tom has 3 boxes with 4 pens in each box. How many pens?")] * 3
+    prompt = format_prompt(tokenizer, "Tom has 3 boxes with 4 pens in each box. How many pens?")
     config = DecodingConfig(temperature=1.0, max_new_tokens=40, calculator=False)
-    done = generate(biased, tokenizer, prompts, [1, 2, 3], config, show_progress=False, stop_at_step_end=True,
-                    logprobs=True)
-    plain = generate(biased, tokenizer, prompts, [1, 2, 3], config, show_progress=False)
+    biased = NewlineBiased(model, tokenizer, BIAS)
+    done = generate(biased, tokenizer, [prompt] * 3, [1, 2, 3], config, show_progress=False,
+                    stop_at_step_end=True, logprobs=True)
+    plain = generate(biased, tokenizer, [prompt] * 3, [1, 2, 3], config, show_progress=False)
+    assert all(c.finish_reason == "step" for c in done)
     for step_only, whole in zip(done, plain):
-        if step_only.finish_reason == "step":
-            assert len(split_steps(step_only.text + "\n")) == 1 and whole.text.startswith(step_only.text)
-        # Teacher-forced log-probability of the written tokens under the (biased) model at T=1.
-        ids = tokenizer.encode(prompts[0] + step_only.text + ("\n" if step_only.finish_reason == "step" else ""),
-                               add_special_tokens=False)
-        start = len(tokenizer.encode(prompts[0], add_special_tokens=False))
-        with torch.inference_mode():
-            logits = biased(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        expected = sum(logits[i - 1, ids[i]].item() for i in range(start, len(ids)))
-        if len(ids) - start == step_only.n_tokens:  # the re-encoded text is the written token sequence
-            assert step_only.logprob == pytest.approx(expected, abs=1e-3)
-        assert step_only.logprob < 0 and whole.logprob is None
+        # The same noise writes the same tokens: the one-step text is where the whole text's first line ends.
+        assert whole.text.startswith(step_only.text) and "\n" in whole.text[len(step_only.text):] + "\n"
+        assert step_only.n_tokens < whole.n_tokens and whole.logprob is None
+    # Greedy, one row, every forward pass recorded: the log-probability is the sum of each step's top log-prob.
+    recorder = NewlineBiased(model, tokenizer, BIAS, record=True)
+    (greedy,) = generate(recorder, tokenizer, [prompt], [0], DecodingConfig(max_new_tokens=40, calculator=False),
+                         show_progress=False, stop_at_step_end=True, logprobs=True)
+    assert len(recorder.log) == greedy.n_tokens  # the last token is chosen, never fed back
+    expected = sum(logits[0].float().log_softmax(-1).max().item() for _, logits in recorder.log)
+    assert greedy.logprob == pytest.approx(expected, abs=1e-4)
 
 
 # ---------------------------------------------------------------- the search on the tiny model
