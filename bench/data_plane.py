@@ -210,7 +210,7 @@ def synthetic_input(n_problems: int, samples_per_problem: int, seed: int) -> tup
                 "sample_id": f"s-{digest}", "problem_id": problem_id, "iteration": ITERATION, "model_id": "m-bench",
                 "generator": "bench", "parent_sample_id": None, "prefix_steps": None, "sample_index": index,
                 "seed": seed, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": MAX_NEW_TOKENS,
-                "calculator": index % 2 == 0, "text": text,
+                "calculator": index % 2 == 0, "step_temperatures": None, "text": text,
                 "n_tokens": MAX_NEW_TOKENS if truncated else len(text) // 3 + rng.randint(0, 20),
                 "finish_reason": "length" if truncated else "stop",
             }
