@@ -774,12 +774,11 @@ class _Joined:
             position = pool.submit(pc.index_in, ids, value_set=label_ids)
             id_rank = pool.submit(_ranks, ids)
             label_ids_unique = pool.submit(lambda: len(pc.unique(label_ids)) == len(label_ids))
+            ids_unique = pool.submit(lambda: len(pc.unique(ids)) == len(ids))
             encoded = pool.submit(pc.dictionary_encode, sample_problems)
             position, id_rank, encoded = position.result(), id_rank.result(), encoded.result()
-            label_ids_unique = label_ids_unique.result()
-        ordered = ids.take(pa.array(np.argsort(id_rank)))
-        if (position.null_count or ids.null_count or sample_problems.null_count or not label_ids_unique
-                or (len(ids) and (ordered[0].as_py() == "" or pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py()))):
+        if (position.null_count or ids.null_count or sample_problems.null_count or not label_ids_unique.result()
+                or not ids_unique.result() or pc.any(pc.equal(ids, "")).as_py()):
             return None
         problem_ids = problems.column("problem_id").cast(pa.string())
         reversed_ids = problem_ids.take(pa.array(np.arange(len(problem_ids))[::-1]))
@@ -852,30 +851,33 @@ def _pair_rows(questions: pa.Array, problem_ids: pa.Array, owner: np.ndarray, ch
     """The `pairs` rows of (chosen, rejected) texts; a chosen text past the samples is a gold rationale."""
     n = len(chosen)
     gold = chosen >= len(ids)
-    first = np.r_[True, owner[chosen][1:] != owner[chosen][:-1]] if n else np.zeros(0, bool)
-    with_pairs, pair_problem = owner[chosen][first], np.cumsum(first) - 1  # in output order
-    prompts = pa.array([prompt_for(q) for q in questions.take(pa.array(with_pairs)).to_pylist()], pa.string())
-    problem_id = problem_ids.take(pa.array(owner[chosen]))
-    chosen_id = ids.take(pa.array(np.where(gold, 0, chosen), mask=gold))
-    rejected_id = ids.take(pa.array(rejected))
-    # content_id("pair", recipe, iteration, problem_id, chosen_id or GOLD, rejected_id), column by column
-    hashed = pc.binary_join_element_wise(
-        f"[{canonical_json(config.recipe)},{canonical_json(iteration)},", json_strings(problem_id), ",",
-        json_strings(chosen_id.fill_null(GOLD)), ",", json_strings(rejected_id), "]", "")
-    pair_id = [ID_PREFIXES["pair"] + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-               for text in hashed.to_pylist()]
-    return pa.table({
-        "pair_id": pa.array(pair_id, pa.string()),
-        "problem_id": problem_id,
-        "iteration": pa.array(np.full(n, iteration), pa.int32()),
-        "recipe": pa.array([config.recipe] * n, pa.string()),
-        "prompt": prompts.take(pa.array(pair_problem)),
-        "chosen": as_array(texts.take(pa.array(chosen))),
-        "rejected": as_array(texts.take(pa.array(rejected))),
-        "chosen_sample_id": chosen_id,
-        "rejected_sample_id": rejected_id,
-        "weight": pa.array(np.ones(n), pa.float64()),
-        "prefix_steps": pa.nulls(n, pa.int32()),
-        "chosen_node_id": pa.nulls(n, pa.string()),
-        "rejected_node_id": pa.nulls(n, pa.string()),
-    }, schema=PAIRS)
+    with ThreadPoolExecutor(2) as pool:  # Arrow copies the texts while Python writes prompts and pair ids
+        chosen_text, rejected_text = (pool.submit(lambda rows: as_array(texts.take(pa.array(rows))), rows)
+                                      for rows in (chosen, rejected))
+        first = np.r_[True, owner[chosen][1:] != owner[chosen][:-1]] if n else np.zeros(0, bool)
+        with_pairs, pair_problem = owner[chosen][first], np.cumsum(first) - 1  # in output order
+        prompts = pa.array([prompt_for(q) for q in questions.take(pa.array(with_pairs)).to_pylist()], pa.string())
+        problem_id = problem_ids.take(pa.array(owner[chosen]))
+        chosen_id = ids.take(pa.array(np.where(gold, 0, chosen), mask=gold))
+        rejected_id = ids.take(pa.array(rejected))
+        # content_id("pair", recipe, iteration, problem_id, chosen_id or GOLD, rejected_id), column by column
+        hashed = pc.binary_join_element_wise(
+            f"[{canonical_json(config.recipe)},{canonical_json(iteration)},", json_strings(problem_id), ",",
+            json_strings(chosen_id.fill_null(GOLD)), ",", json_strings(rejected_id), "]", "")
+        pair_id = [ID_PREFIXES["pair"] + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+                   for text in hashed.to_pylist()]
+        return pa.table({
+            "pair_id": pa.array(pair_id, pa.string()),
+            "problem_id": problem_id,
+            "iteration": pa.array(np.full(n, iteration), pa.int32()),
+            "recipe": pa.array([config.recipe] * n, pa.string()),
+            "prompt": prompts.take(pa.array(pair_problem)),
+            "chosen": chosen_text.result(),
+            "rejected": rejected_text.result(),
+            "chosen_sample_id": chosen_id,
+            "rejected_sample_id": rejected_id,
+            "weight": pa.array(np.ones(n), pa.float64()),
+            "prefix_steps": pa.nulls(n, pa.int32()),
+            "chosen_node_id": pa.nulls(n, pa.string()),
+            "rejected_node_id": pa.nulls(n, pa.string()),
+        }, schema=PAIRS)

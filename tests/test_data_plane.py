@@ -202,6 +202,24 @@ def test_pairs_table_hands_inputs_that_do_not_join_to_the_rule():
             config=PairsConfig())
 
 
+def test_pairs_table_hands_repeated_and_empty_sample_ids_to_the_rule():
+    specs = [(POOL[0], "p-1", True), (POOL[1], "p-1", False), (POOL[2], "p-1", False)]
+    problems, samples, labels = pair_inputs(specs, [None, None, None])
+    samples[2]["sample_id"] = labels[2]["sample_id"] = samples[1]["sample_id"]
+    with pytest.raises(ValueError, match="row 2: sample 's-001' appears twice"):
+        pairs_table(pa.Table.from_pylist(problems), pa.Table.from_pylist(samples), pa.Table.from_pylist(labels[:2]),
+                    prompt_for=str, iteration=1, config=PairsConfig())
+    # A positive with id "" and the gold rationale's text ties with the gold pair, whose chosen id is "" too.
+    problems, samples, labels = pair_inputs(specs, [POOL[0], None, None])
+    samples[0]["sample_id"] = labels[0]["sample_id"] = ""
+    config = PairsConfig(pairs_per_problem=1)
+    table, summary = pairs_table(pa.Table.from_pylist(problems), pa.Table.from_pylist(samples),
+                                 pa.Table.from_pylist(labels), prompt_for=str, iteration=1, config=config)
+    rows, expected = dpo_st_pairs(problems, samples, labels, prompt_for=str, iteration=1, config=config)
+    assert table.equals(pa.Table.from_pylist(rows, schema=PAIRS)) and summary == expected
+    assert table.column("chosen_sample_id").to_pylist() == [""]  # the rule's stable sort keeps the sample first
+
+
 strings = st.one_of(st.none(), st.text(st.sampled_from('ab"\\\n\r\t\x08\x0c\x01\x1f\x7f\u00e9\u2028 '), max_size=8))
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
                    st.sampled_from([0.0, -0.0, 1e16, 1e-5, 0.7]))

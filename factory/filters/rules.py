@@ -181,7 +181,8 @@ class NearDuplicateFilter(GroupFilter):
         first, later = _ordered_pairs(ordered_group)
         bitsets = word_bitsets(table.column("text"), problem)  # rows usually come grouped by problem
         # Jaccard <= smaller set / larger set: pairs of sizes too far apart cannot be above the threshold.
-        small, large = (f(bitsets.size[order[first]], bitsets.size[order[later]]) for f in (np.minimum, np.maximum))
+        ordered_size = bitsets.size[order]
+        small, large = (f(ordered_size[first], ordered_size[later]) for f in (np.minimum, np.maximum))
         possible = np.flatnonzero((small / np.maximum(large, 1) > self.threshold) | (large == 0))
         first, later = first[possible], later[possible]
         similarity = bulk_jaccard(bitsets, order[first], order[later])
