@@ -20,11 +20,12 @@ def load_script(name: str):
 def test_data_plane_bench_gives_identical_outputs_on_both_sides(tmp_path, capsys):
     data_plane = load_script("data_plane")
     figures_file = tmp_path / "data_plane.json"
-    assert data_plane.main(["--problems", "300", "--json", str(figures_file)]) == 0
+    assert data_plane.main(["--problems", "300", "--repeats", "2", "--json", str(figures_file)]) == 0
     assert "outputs identical" in capsys.readouterr().out
     figures = json.loads(figures_file.read_text())
-    assert figures["identical"] and figures["samples"] == 3000
-    assert set(figures["factory_s"]) == set(figures["baseline_s"]) == {"label", "filter", "pairs", "cpu"}
+    assert figures["identical"] and figures["samples"] == 3000 and figures["repeats"] == 2
+    for side in ("factory", "baseline"):
+        assert [set(run) for run in figures["runs"][side]] == [{"label", "filter", "pairs", "cpu"}] * 2
 
 
 def test_data_plane_bench_input_covers_every_kind_of_sample():
