@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the medians are compared")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     start = time.perf_counter()
     problems, samples = synthetic_input(args.problems, args.samples_per_problem, args.seed)
     print(f"input: {args.problems:,} problems x {args.samples_per_problem} = {samples.num_rows:,} samples "

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -26,6 +28,12 @@ def test_data_plane_bench_gives_identical_outputs_on_both_sides(tmp_path, capsys
     assert figures["identical"] and figures["samples"] == 3000 and figures["repeats"] == 2
     for side in ("factory", "baseline"):
         assert [set(run) for run in figures["runs"][side]] == [{"label", "filter", "pairs", "cpu"}] * 2
+
+
+def test_data_plane_bench_refuses_zero_repeats(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_script("data_plane").main(["--problems", "10", "--repeats", "0"])
+    assert exit_.value.code == 2 and "--repeats must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_data_plane_bench_input_covers_every_kind_of_sample():
