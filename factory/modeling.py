@@ -90,19 +90,57 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, config: TinyModelConfig
     return LlamaForCausalLM(llama)
 
 
+def is_gguf(name_or_path: str | Path) -> bool:
+    """A GGUF checkpoint file (llama.cpp's format), as opposed to a model folder or a Hub id."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
 def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local folder or a Hub id, ready for batched decoding."""
+    """Load a causal LM and its tokenizer, ready for batched decoding.
+
+    `name_or_path` is a local model folder, a Hub id, or a GGUF file: transformers
+    dequantizes GGUF weights but refuses to save such a model, so it is rebuilt as the
+    plain model class of its architecture, which saves as an ordinary HF folder.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if is_gguf(name_or_path):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {path}")
+        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+        tokenizer = AutoTokenizer.from_pretrained(**location)
+        model = _plain_model(AutoModelForCausalLM.from_pretrained(**location, dtype=dtype))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype).to(device)
+    model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _plain_model(loaded: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a fresh model of the same class, free of the GGUF loader's quantizer marks."""
+    import torch
+
+    config = loaded.config
+    for attribute in ("quantization_config", "gguf_file"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    with torch.device("meta"):
+        plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    buffers = dict(loaded.named_buffers())  # not in the state dict (rotary frequencies): taken as they are
+    for name, buffer in list(plain.named_buffers()):
+        module_name, _, buffer_name = name.rpartition(".")
+        plain.get_submodule(module_name).register_buffer(buffer_name, buffers[name], persistent=False)
+    plain.tie_weights()
+    return plain
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
