@@ -494,7 +494,9 @@ def cmd_lineage(args) -> None:
 def cmd_export(args) -> None:
     """Write a Hub-ready dataset folder: Parquet per table and split, a dataset card with lineage, lineage.json.
 
-    `datasets.load_dataset(DIR)` loads the pairs; `load_dataset(DIR, "samples")` another table.
+    `datasets.load_dataset(DIR)` loads the pairs; `load_dataset(DIR, "samples")` another table;
+    `load_dataset(DIR, "pairs_chat")` the pairs as chat messages, for a model with any chat template (TRL's
+    DPOTrainer), and `load_dataset(DIR, "sft_chat")` the SFT data likewise.
     Example: factory export hub/ && python -c "import datasets; print(datasets.load_dataset('hub'))"
     """
     from factory.export import DEFAULT_TABLES, export_dataset
@@ -658,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", cmd_export, "write a Hub-ready dataset folder with a card naming every split's lineage")
     p.add_argument("dir", help="folder to write (replaced if it is an earlier export)")
-    p.add_argument("--tables", help="comma-separated tables (default: problems,samples,labels,pairs,votes,dropped)")
+    p.add_argument("--tables", help="comma-separated tables (default: problems,samples,labels,pairs,votes,dropped,"
+                   "pairs_chat,sft_chat; the last two are pairs and SFT data in TRL's conversational format)")
     p.add_argument("--iteration", type=int, action="append", help="only these iterations (repeat the flag)")
     p.add_argument("--root", default=".", help="project folder holding data/, models/ and dvc.lock")
 

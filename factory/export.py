@@ -12,6 +12,47 @@ published, so it names only paths relative to the project root.
 Eval predictions are opt-in (`tables=(..., "eval")`): they are model outputs on
 the test splits, and a default export that people train on wholesale should not
 carry test-set generations.
+
+Two more configs carry the training data in TRL's conversational format, so a
+dataset made with one model trains a model with another chat template (the
+`pairs` config's `prompt` is text rendered with the producing model's template):
+
+- `pairs_chat/<split>.parquet`, one split per `pairs` split: `prompt` (the raw
+  question as a user message), `chosen` and `rejected` (one assistant message
+  each), exactly TRL's explicit-prompt conversational preference columns, so
+  `DPOTrainer(train_dataset=load_dataset(DIR, "pairs_chat", split="iter_1"))`
+  renders them with the trained model's own template; plus `question`,
+  `prefix`, `prefix_steps`, `weight`, `chosen_open`, `rejected_open` and the
+  pairs' ids.
+- `sft_chat`: `messages` (user question, assistant rationale), TRL's
+  conversational language-modeling format. Split `gold`: the `train` split's
+  gold rationales (the warm-up's data); `iter_k`: iteration k's kept samples
+  labelled correct; `iter_k_self_train`: the correct samples the train
+  stage kept (the second round; for the self_train recipe, pooled with the
+  first), so `split="gold+iter_k_self_train"` is what DPO-ST's and
+  self-training's SFT step of iteration k trained on (train/iteration.py
+  `self_training_examples`).
+
+Step-level pairs (scdpo, mcts_dpo: a non-null `prefix_steps`) share their first
+steps, which `pairs` appends to the rendered prompt. In `pairs_chat` the shared
+steps (`prefix`) open both assistant messages: chosen = prefix + chosen
+continuation, rejected = prefix + rejected continuation. TRL cannot take them
+in the prompt: its DPOTrainer renders a prompt with `add_generation_prompt`,
+so a prompt ending with an assistant message becomes a closed assistant turn
+followed by a second one. Inside one assistant turn the text is what the
+producing model saw, and DPO's log-ratio margin is unchanged: the prefix
+tokens have the same context and log-probabilities on both sides, so they
+cancel (terms that are not a chosen-minus-rejected difference, such as an NLL
+term on chosen or length normalisation, do count them). The prefix is
+recovered exactly: the pairs stage records the hash of its prompt rendered for
+the question "{question}" (`prompt_format`), and the export finds the template
+that hashes to it. `chosen_open`/`rejected_open` mark a tree-search step with
+more steps to come (train/dpo.py `open_ended`): a chat template closes every
+assistant turn, so train those sides without the end-of-turn token, or leave
+them out.
+
+Texts are what the models wrote: samples are decoded without special tokens,
+so no end-of-turn token is part of a `chosen`, `rejected` or `messages` text.
 """
 
 from __future__ import annotations
@@ -30,11 +71,16 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from factory.audit import TableFile, catalog, discover, model_records, sql_literal, views
-from factory.ids import file_fingerprint
+from factory.ids import content_hash, file_fingerprint
 from factory.io import write_json, write_text
 from factory.lineage import dvc_lock_entry, dvc_lock_outputs
 
-DEFAULT_TABLES = ("problems", "samples", "labels", "pairs", "votes", "dropped")
+DEFAULT_TABLES = ("problems", "samples", "labels", "pairs", "votes", "dropped", "pairs_chat", "sft_chat")
+# Configs made from other tables (TRL's conversational format): the tables each needs.
+DERIVED = {"pairs_chat": ("pairs", "problems"), "sft_chat": ("problems",)}
+QUESTION_SLOT = "{question}"  # the question the pairs stage renders its prompt format with (factory.cli cmd_pairs)
+GOLD_SPLIT = "train"  # the problems split whose gold rationales are SFT data (train/sft.py gold_examples)
+_QUESTIONS = "(SELECT problem_id, any_value(question) AS question FROM problems GROUP BY problem_id)"
 DEFAULT_CONFIG = "pairs"
 EXPORT_MARKER = "factory.export"  # in lineage.json: the folder is an export, safe to replace
 DEFAULT_TEST_SPLITS = ("test", "test_ood")  # when params.yaml has no eval.splits
@@ -53,6 +99,18 @@ TABLE_DESCRIPTIONS = {
              "gold rationale, unless `chosen_node_id` names the search-tree step it came from (mcts_dpo).",
     "dropped": "Every row a filter removed, with the filter, the reason and the whole row as JSON.",
     "eval": "Each iteration's model's predictions on the test splits (`iter_k`: the model of iteration k).",
+    "pairs_chat": "The `pairs` in TRL's conversational preference format, for a model with any chat template: "
+                  "`prompt` is the raw question as a user message, `chosen` and `rejected` one assistant message "
+                  "each (what the model wrote, no end-of-turn token). A step-level pair's shared steps (`prefix`, "
+                  "`prefix_steps` of them) open both assistant messages: TRL renders a prompt ending with an "
+                  "assistant message as a closed turn, and DPO's margin is unchanged because the shared tokens "
+                  "cancel. `chosen_open`/`rejected_open` mark a search-tree step with more to come: train it "
+                  "without the end-of-turn token the template adds, or leave it out.",
+    "sft_chat": "SFT data in TRL's conversational format: `messages` is the question as a user message and a "
+                "rationale as the assistant's. `gold`: the train split's gold rationales (the warm-up's data); "
+                "`iter_k`: iteration k's kept samples labelled correct; `iter_k_self_train`: those the train stage "
+                "kept (its second round), so `split=\"gold+iter_k_self_train\"` is what iteration k's SFT step "
+                "trained on.",
 }
 PROBLEM_SPLITS = {
     "train": "gold rationales (the warm-up's SFT data)",
@@ -76,6 +134,8 @@ class Split:
     name: str
     source: TableFile
     where: str = ""  # SQL filter on the source (problems: its split)
+    query: str = ""  # derived configs: the SELECT that makes the rows
+    inputs: list[str] = field(default_factory=list)  # derived configs: the files the rows are made from
     rows: int = 0
     models: list[str] = field(default_factory=list)  # the models whose generations the rows are or derive from
     traced: bool = False  # models found through the inputs' fingerprints, not the file's own model_id
@@ -107,7 +167,7 @@ def export_dataset(
     for table_file in files:
         if table_file.view:
             by_view.setdefault(table_file.view, []).append(table_file)
-    missing = [t for t in tables if t not in by_view]
+    missing = list(dict.fromkeys(needed for t in tables for needed in DERIVED.get(t, (t,)) if needed not in by_view))
     if missing:
         raise ExportError(f"no {', '.join(missing)} table under {root / 'data'}; "
                           f"tables found: {', '.join(sorted(by_view)) or 'none'}")
@@ -121,7 +181,7 @@ def export_dataset(
     staging.mkdir(parents=True)
     try:
         for split in splits:
-            split.rows = _copy(con, root, by_view[split.config], split, staging / split.path)
+            split.rows = _copy(con, root, by_view.get(split.config, []), split, staging / split.path)
             if not split.rows:  # datasets cannot load an empty split: leave it out and say so
                 (staging / split.path).unlink()
         empty = [s for s in splits if not s.rows]
@@ -206,27 +266,132 @@ def _plan_splits(con, root: Path, tables: Sequence[str], by_view: dict[str, list
     """One Split per table and split name; two files claiming one split name is an error."""
     splits: dict[tuple[str, str], Split] = {}
     for table in tables:
-        for table_file in by_view[table]:
-            if table == "problems":
+        if table == "pairs_chat":
+            planned = [_pairs_chat_split(con, root, f, by_view["problems"]) for f in by_view["pairs"]]
+        elif table == "sft_chat":
+            planned = _sft_chat_splits(con, root, by_view)
+        elif table == "problems":
+            planned = []
+            for table_file in by_view[table]:
                 location = sql_literal(str(root / table_file.path))
                 values = [row[0] for row in con.execute(  # in the table's own order (train, dev, ...)
                     f"SELECT split FROM read_parquet({location}, file_row_number = true) "
                     "GROUP BY split ORDER BY min(file_row_number)").fetchall()]
-                planned = [Split(table, _hub_name(v), table_file, f"split = {sql_literal(v)}") for v in values]
-            else:
-                planned = [Split(table, _split_name(table_file), table_file)]
-            for split in planned:
-                if (table, split.name) in splits:
-                    raise ExportError(f"{table}: {splits[table, split.name].source.path} and {table_file.path} "
-                                      f"would both be split {split.name!r}")
-                splits[table, split.name] = split
+                planned += [Split(table, _hub_name(v), table_file, f"split = {sql_literal(v)}") for v in values]
+        else:
+            planned = [Split(table, _split_name(table_file), table_file) for table_file in by_view[table]]
+        for split in planned:
+            if (table, split.name) in splits:
+                raise ExportError(f"{table}: {splits[table, split.name].source.path} and {split.source.path} "
+                                  f"would both be split {split.name!r}")
+            splits[table, split.name] = split
     return list(splits.values())
+
+
+def _prompt_template(con, location: str, table_file: TableFile) -> str | None:
+    """The pairs file's prompt for the question "{question}": what its provenance's `prompt_format` hashes.
+
+    A pair's prompt is that template with the question in place of "{question}", plus the shared steps of
+    a step-level pair; the template is the text around one occurrence of the question and the first part
+    of what follows it whose hash is `prompt_format`. Without a recorded `prompt_format` (files not made by
+    `factory pairs`), a whole-solution pair's prompt with its question cut out is taken as the template.
+    """
+    expected = ((table_file.provenance or {}).get("params") or {}).get("prompt_format")
+    rows = con.execute(
+        f"SELECT p.prompt, q.question, p.prefix_steps IS NOT NULL FROM read_parquet({location}) p "
+        f"JOIN {_QUESTIONS} q USING (problem_id) ORDER BY p.prefix_steps IS NOT NULL LIMIT 20").fetchall()
+    for prompt, question, step_level in rows:
+        at = prompt.find(question) if question else -1
+        while at >= 0:
+            head, rest = prompt[:at], prompt[at + len(question):]
+            if expected is None:
+                if not step_level:
+                    return head + QUESTION_SLOT + rest
+            else:
+                for end in range(len(rest) + 1):
+                    if content_hash(head + QUESTION_SLOT + rest[:end]) == expected:
+                        return head + QUESTION_SLOT + rest[:end]
+            at = prompt.find(question, at + 1)
+    return None
+
+
+def _pairs_chat_split(con, root: Path, table_file: TableFile, problems: list[TableFile]) -> Split:
+    """The pairs file's rows in TRL's conversational preference format (see the module docstring)."""
+    location = sql_literal(str(root / table_file.path))
+    unknown = con.execute(f"SELECT pair_id, problem_id FROM read_parquet({location}) "
+                          f"WHERE problem_id NOT IN (SELECT problem_id FROM problems) LIMIT 1").fetchone()
+    if unknown:
+        raise ExportError(f"{table_file.path}: pair {unknown[0]} has problem {unknown[1]}, which is not in the "
+                          "problems table: its question is unknown")
+    steps = con.execute(f"SELECT count(*) FROM read_parquet({location}) WHERE prefix_steps IS NOT NULL").fetchone()[0]
+    prefix = "''"
+    if steps:
+        template = _prompt_template(con, location, table_file)
+        if template is None:
+            raise ExportError(f"{table_file.path}: its step-level pairs end the prompt with their shared steps, but "
+                              "the question prompt they were rendered with is unknown (no `prompt_format` in its "
+                              "provenance that a prompt starts with); leave pairs_chat out (--tables)")
+        rendered = f"replace({sql_literal(template)}, {sql_literal(QUESTION_SLOT)}, q.question)"
+        bad = con.execute(f"SELECT p.pair_id FROM read_parquet({location}) p JOIN {_QUESTIONS} q "
+                          f"USING (problem_id) WHERE p.prefix_steps IS NOT NULL AND NOT starts_with(p.prompt, "
+                          f"{rendered}) LIMIT 1").fetchone()
+        if bad:
+            raise ExportError(f"{table_file.path}: pair {bad[0]}'s prompt does not start with its question rendered "
+                              f"as the file's other prompts are ({template!r}): its shared steps cannot be cut out")
+        prefix = f"CASE WHEN p.prefix_steps IS NULL THEN '' ELSE substr(p.prompt, length({rendered}) + 1) END"
+    # open-ended: a search-tree step with more to come (train/dpo.py `open_ended`)
+    query = f"""
+        WITH rows AS (
+            SELECT p.*, q.question, {prefix} AS prefix
+            FROM read_parquet({location}, file_row_number = true) p JOIN {_QUESTIONS} q USING (problem_id)
+        )
+        SELECT pair_id, problem_id, iteration, recipe,
+               [{{'role': 'user', 'content': question}}] AS prompt,
+               [{{'role': 'assistant', 'content': prefix || chosen}}] AS chosen,
+               [{{'role': 'assistant', 'content': prefix || rejected}}] AS rejected,
+               question, prefix, prefix_steps, weight,
+               chosen_node_id IS NOT NULL AND ends_with(chosen, chr(10)) AS chosen_open,
+               rejected_node_id IS NOT NULL AND ends_with(rejected, chr(10)) AS rejected_open,
+               chosen_sample_id, rejected_sample_id, chosen_node_id, rejected_node_id
+        FROM rows ORDER BY file_row_number"""
+    return Split("pairs_chat", _split_name(table_file), table_file, query=query,
+                 inputs=[table_file.path, *(f.path for f in problems)])
+
+
+def _messages(question: str, answer: str) -> str:
+    return f"[{{'role': 'user', 'content': {question}}}, {{'role': 'assistant', 'content': {answer}}}]"
+
+
+def _sft_chat_splits(con, root: Path, by_view: dict[str, list[TableFile]]) -> list[Split]:
+    """`gold` from the problems, and one split per kept-samples file: its samples labelled correct."""
+    problems = by_view["problems"]
+    gold = Split("sft_chat", "gold", problems[0], inputs=[f.path for f in problems], query=f"""
+        SELECT {_messages("question", "gold_rationale")} AS messages, question, problem_id,
+               CAST(NULL AS VARCHAR) AS sample_id, CAST(NULL AS INTEGER) AS iteration,
+               CAST(NULL AS VARCHAR) AS model_id
+        FROM problems WHERE split = {sql_literal(GOLD_SPLIT)} AND gold_rationale IS NOT NULL""")
+    splits = [gold]
+    if "labels" not in by_view:  # nothing says which kept samples are correct
+        return splits
+    for table_file in by_view.get("kept", []):
+        location = sql_literal(str(root / table_file.path))
+        splits.append(Split("sft_chat", _split_name(table_file), table_file,
+                            inputs=[table_file.path, *(f.path for f in problems + by_view["labels"])], query=f"""
+            SELECT {_messages("q.question", "k.text")} AS messages, q.question, k.problem_id, k.sample_id,
+                   CAST(k.iteration AS INTEGER) AS iteration, k.model_id
+            FROM read_parquet({location}, file_row_number = true) k JOIN {_QUESTIONS} q USING (problem_id)
+            WHERE k.sample_id IN (SELECT sample_id FROM labels WHERE correct)
+            ORDER BY k.file_row_number"""))
+    return splits
 
 
 def _copy(con, root: Path, members: list[TableFile], split: Split, target: Path) -> int:
     """COPY the split's rows to `target`; the columns are the union over the table's files, so every split
     of a config has one schema (datasets reads the features from the first file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    if split.query:
+        return con.execute(f"COPY ({split.query}) TO {sql_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
+                           ).fetchone()[0]
     sources = ", ".join(sql_literal(str(root / m.path)) for m in members)
     conditions = [f"filename = {sql_literal(str(root / split.source.path))}"] + ([split.where] if split.where else [])
     return con.execute(
@@ -427,6 +592,7 @@ def _lineage(splits: list[Split], empty: list[Split], models: dict[str, dict], p
             "code_version": (s.source.provenance or {}).get("code_version"),
             "models": s.models, "models_traced_through_inputs": s.traced,
             "dvc_lock": s.dvc, "provenance": s.source.provenance,
+            **({"derived_from": s.inputs} if s.query else {}),
         } for s in splits],
         "empty": [{"config": s.config, "split": s.name, "source": s.source.path} for s in empty],
         "models": {model_id: record for model_id, record in models.items() if model_id in used},
@@ -453,7 +619,7 @@ def _columns(split: Split, folder: Path) -> str:
 
     from factory.schema import TABLES
 
-    kind = (split.source.provenance or {}).get("table", split.config)
+    kind = None if split.query else (split.source.provenance or {}).get("table", split.config)
     declared = list(TABLES[kind]) if kind in TABLES else []
     names = {f.name for f in declared}
     extra = [f for f in pq.read_schema(folder / split.path) if f.name not in names]
@@ -495,6 +661,7 @@ def _card(splits: list[Split], models: dict[str, dict], lineage: dict, folder: P
         *([f'{others[0]} = load_dataset("<repo_id>", "{others[0]}")'
            + (f"  # or {', '.join(others[1:])}" if others[1:] else "")] if others else []),
         "```", "",
+        *_chat_usage(configs),
         f"**License:** `{lineage['license']['id']}`. {lineage['license']['reason']}", "",
         "## Tables", "",
     ]
@@ -516,6 +683,32 @@ def _card(splits: list[Split], models: dict[str, dict], lineage: dict, folder: P
                   "", "```yaml", yaml.dump(lineage["params"], Dumper=_ParamsDumper, sort_keys=False).rstrip(),
                   "```", "", "</details>", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _chat_usage(configs: dict[str, list[Split]]) -> list[str]:
+    """How the conversational configs train a model with its own chat template (TRL)."""
+    lines = []
+    if "pairs_chat" in configs:
+        split = configs["pairs_chat"][-1].name
+        lines += [f'pairs = load_dataset("<repo_id>", "pairs_chat", split="{split}")',
+                  "DPOTrainer(model=model, args=DPOConfig(output_dir=\"dpo\"), train_dataset=pairs,",
+                  "           processing_class=tokenizer).train()  # rendered with the tokenizer's chat template"]
+    if "sft_chat" in configs:
+        names = [s.name for s in configs["sft_chat"]]
+        rounds = [n for n in names if n.endswith("_self_train")] or [n for n in names if n != "gold"]
+        split = "+".join(["gold", rounds[-1]] if rounds and "gold" in names else names[:1])
+        lines += [f'sft = load_dataset("<repo_id>", "sft_chat", split="{split}")',
+                  "# the loss on the rationale only, as factory's SFT: prompt-completion",
+                  'sft = sft.map(lambda r: {"prompt": r["messages"][:1], "completion": r["messages"][1:]}, '
+                  'remove_columns=["messages"])',
+                  "SFTTrainer(model=model, args=SFTConfig(output_dir=\"sft\"), train_dataset=sft,",
+                  "           processing_class=tokenizer).train()"]
+    if not lines:
+        return []
+    return ["To train a model with another chat template, `pairs_chat` and `sft_chat` hold the same data in TRL's "
+            "conversational format (messages, not text rendered with the producing model's template):", "",
+            "```python", "from datasets import load_dataset",
+            "from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer", "", *lines, "```", ""]
 
 
 class _ParamsDumper(yaml.SafeDumper):

@@ -136,6 +136,8 @@ def test_every_config_loads_with_its_splits_and_rows(exported):
     assert load(out, "labels") == {"iter_1": 4, "iter_1_self_train": 3, "iter_2": 4}
     assert load(out, "dropped") == {"iter_1": 1, "iter_2": 1}  # the empty problems split is left out
     assert load(out, "votes") == {"iter_1": 1, "iter_2": 1}
+    assert load(out, "pairs_chat") == {"iter_1": 2, "iter_2": 3}  # TRL's conversational format (test_export_chat)
+    assert load(out, "sft_chat") == {"gold": 2}  # no kept samples in this project
 
 
 def test_card_names_lineage_without_machine_paths(exported):
