@@ -239,6 +239,25 @@ def test_step_pairs_whose_prompt_cannot_be_cut_are_refused(tmp_path):
     export_dataset(tmp_path / "hub", root=root, tables=("pairs",))  # the pairs themselves still export
 
 
+def pair_ids_with_prefix(out: Path) -> list[str]:
+    return [r["pair_id"] for r in load(out, "pairs_chat", "iter_3") if r["prefix"]]
+
+
+def test_trl_would_split_a_prompt_ending_with_an_assistant_message_into_two_turns(chat_export):
+    """Why the shared steps open the assistant messages instead of ending the prompt (see factory/export.py)."""
+    from trl.data_utils import apply_chat_template
+
+    tokenizer = chatml_tokenizer(chat_export[3])
+    in_prompt = {"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "step 1\n"}],
+                 "chosen": [{"role": "assistant", "content": "good"}],
+                 "rejected": [{"role": "assistant", "content": "bad"}]}
+    rendered = apply_chat_template(in_prompt, tokenizer)
+    assert rendered["chosen"].startswith("<|im_end|>\n<|im_start|>assistant\n")  # the turn closes after the steps
+    # DPOTrainer tokenizes the prompt with add_generation_prompt: a second assistant turn opens after the steps
+    assert tokenizer.apply_chat_template(in_prompt["prompt"], tokenize=False, add_generation_prompt=True).endswith(
+        "step 1\n<|im_end|>\n<|im_start|>assistant\n")
+
+
 @pytest.mark.slow
 def test_one_dpo_step_on_pairs_chat_with_another_template(chat_export, tmp_path):
     """TRL's DPOTrainer takes the exported pairs as they are and trains the tiny model under ChatML."""
@@ -258,6 +277,11 @@ def test_one_dpo_step_on_pairs_chat_with_another_template(chat_export, tmp_path)
     first = trainer.train_dataset[0]
     assert tokenizer.decode(first["prompt_ids"]).startswith("<|im_start|>user\nTom has")
     assert tokenizer.decode(first["chosen_ids"]).endswith("#### 7<|im_end|>\n")
+    # The step pair's shared steps are the same tokens on both sides, so they cancel in DPO's margin.
+    step = next(r for r in trainer.train_dataset if r["pair_id"] == pair_ids_with_prefix(out)[0])
+    shared = tokenizer("Tom has 2 apples.\n", add_special_tokens=False)["input_ids"]
+    assert step["chosen_ids"][:len(shared)] == step["rejected_ids"][:len(shared)] == shared
+    assert step["chosen_ids"][len(shared):] != step["rejected_ids"][len(shared):]
     trainer.train()
     assert any(not p.detach().equal(before[name]) for name, p in model.named_parameters())
     assert trainer.state.log_history[0]["loss"] > 0
