@@ -152,5 +152,62 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     return f"Question: {question}\nAnswer:\n"
 
 
+_TURN_MARKER = "FACTORYENDOFTURNMARKER"  # no spaces or newlines, so templates that trim content keep it whole
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text that ends an assistant turn: what the chat template writes right after the message's content.
+
+    Whitespace around it is left out (the newline ChatML writes after `<|im_end|>` opens the next turn; the
+    model stops at the end-of-turn token and never writes it). Without a chat template, or when the template
+    writes nothing after the content, it is the tokenizer's EOS. The tiny model's template ends a turn with
+    EOS, so its training text is what TRL's own appended EOS made; SmolLM2's (ChatML) ends it with
+    `<|im_end|>`, Llama-3's with `<|eot_id|>`, Qwen's with `<|im_end|>` where its EOS may be `<|endoftext|>`.
+    """
+    eos = tokenizer.eos_token or ""
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _TURN_MARKER}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: EOS, as TRL would append
+        return eos
+    at = rendered.rfind(_TURN_MARKER)
+    tail = rendered[at + len(_TURN_MARKER):].strip() if at >= 0 else ""
+    return tail or eos
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token id that ends an assistant turn, when the end of turn is one token (decoding stops on it)."""
+    text = end_of_turn(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return ids[0] if len(ids) == 1 else None
+
+
+def format_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """A finished assistant answer as a training completion: `text` closed with the model's end of turn, once."""
+    end = end_of_turn(tokenizer)
+    return text if not end or text.endswith(end) else text + end
+
+
+def trainer_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer to hand TRL's trainers: one whose EOS is the end of turn.
+
+    TRL appends `eos_token` to a plain-text completion unless it already ends with it (SFT, DPO) and
+    `eos_token_id` to its ids (ORPO). Completions here end with `end_of_turn` (`format_completion`), so
+    when that is the EOS (the tiny model, SmolLM2) the tokenizer goes as it is and TRL adds nothing; when
+    it differs (Qwen's `<|im_end|>` beside EOS `<|endoftext|>`), a copy whose EOS is the end of turn keeps
+    TRL from adding a second end token. The model folder keeps the tokenizer as it was.
+    """
+    import copy
+
+    end = end_of_turn(tokenizer)
+    if not end or end == tokenizer.eos_token or end_of_turn_id(tokenizer) is None:
+        return tokenizer
+    trainer_copy = copy.deepcopy(tokenizer)
+    trainer_copy.eos_token = end
+    return trainer_copy
+
+
 def count_parameters(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())

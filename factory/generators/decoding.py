@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from factory.calculator import calculator_result
+from factory.modeling import end_of_turn_id
 from factory.steps import split_steps
 
 if TYPE_CHECKING:
@@ -110,6 +111,49 @@ def calculator_completion(text: str, handled_eq: int = -1) -> tuple[int, str | N
         return eq, None
     written, target = text[eq + 1 :], result + ">>"
     return eq, target[len(written) :] if target.startswith(written) else None
+
+
+_ANCHOR = "="  # what a forced result follows: its ids are checked to decode to exactly the text after it
+_FORCED_CACHE_SIZE = 4096
+
+
+def forced_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids that write exactly `text` after what the model already wrote (a calculator result and `>>`).
+
+    With a byte-level BPE (the tiny model's, SmolLM2's) `text` encoded alone does: its tokens decode to
+    their bytes wherever they stand. A tokenizer that marks word starts (SentencePiece's `▁`) may encode
+    text alone with a leading space, which in the middle of a row would write `= 24>>`. So the ids are
+    checked by decoding them after an `=`; failing that, `text` is encoded after an `=` and that `=`'s ids
+    dropped, and failing that it is spelled one token per character. Results are cached per tokenizer.
+
+    >>> from factory.modeling import train_tokenizer
+    >>> tokenizer = train_tokenizer(["a 12+7=<<12+7=19>>19"], vocab_size=300)
+    >>> tokenizer.decode(forced_ids(tokenizer, "19>>"))
+    '19>>'
+    """
+    cache = getattr(tokenizer, "_factory_forced_ids", None)
+    if cache is None:
+        cache = tokenizer._factory_forced_ids = {}
+    if text in cache:
+        return list(cache[text])
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    anchor = encode(_ANCHOR)
+
+    def writes(ids: list[int]) -> bool:
+        return tokenizer.decode(anchor + ids) == _ANCHOR + text
+
+    ids = encode(text)
+    if not writes(ids):
+        joined = encode(_ANCHOR + text)
+        candidates = [joined[len(anchor):]] if joined[: len(anchor)] == anchor else []
+        spelled = [encode(character) for character in text]
+        if all(len(piece) == 1 for piece in spelled):
+            candidates.append([piece[0] for piece in spelled])
+        ids = next((c for c in candidates if writes(c)), ids)  # none writes it: the plain encoding, as before
+    if len(cache) >= _FORCED_CACHE_SIZE:
+        cache.clear()
+    cache[text] = tuple(ids)
+    return list(ids)
 
 
 class _CalculatorState:
@@ -306,7 +350,7 @@ def _decode_batch(
     attention = attention.to(device)
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     texts = token_texts(tokenizer)
-    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    encode = lambda s: forced_ids(tokenizer, s)  # noqa: E731
     calculators = [_CalculatorState() for _ in prompts]
     if config.calculator:  # a prompt may end inside an annotation (a continued prefix)
         for prompt, state in zip(prompts, calculators):
@@ -452,8 +496,8 @@ def generate(
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    eos_ids.discard(None)  # the chat template's end of turn stops a row too (Qwen: `<|im_end|>` beside EOS)
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     results: list[Completion | None] = [None] * len(prompts)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from factory.generators.decoding import FINAL_LINE, Completion, DecodingConfig, calculator_completion
+from factory.generators.decoding import FINAL_LINE, Completion, DecodingConfig, calculator_completion, forced_ids
 from factory.ids import content_hash
 
 if TYPE_CHECKING:
@@ -73,9 +73,15 @@ def resume_seed(seed: int, resume: int) -> int:
     return int(content_hash(seed, "resume", resume), 16) & (2**63 - 1)
 
 
-def sampling_kwargs(config: DecodingConfig, *, seed: int, max_tokens: int) -> dict:
-    """`vllm.SamplingParams` keyword arguments for one segment of one row."""
-    return {
+def sampling_kwargs(config: DecodingConfig, *, seed: int, max_tokens: int,
+                    stop_token_ids: tuple[int, ...] = ()) -> dict:
+    """`vllm.SamplingParams` keyword arguments for one segment of one row.
+
+    `stop_token_ids`: end tokens vLLM would not stop on by itself (a chat template's end of turn that is not
+    the model's EOS); the key is left out when there are none.
+    """
+    extra = {"stop_token_ids": list(stop_token_ids)} if stop_token_ids else {}
+    return extra | {
         "n": 1,
         "temperature": config.temperature,
         "top_p": config.top_p,
@@ -99,13 +105,15 @@ class RowState:
     n_forced: int = 0
     handled_eq: int = -1
     segments: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # the end of turn, where it is not EOS
     ended_by_token: bool = False  # the last id is EOS or a stop token: counted, never shown
     reason: str | None = None  # "stop" or "length" once the row is done
 
     def next_request(self, config: DecodingConfig) -> tuple[list[int], dict]:
         budget_left = config.max_new_tokens - len(self.ids)
         seed = resume_seed(self.seed, self.segments)
-        return self.prompt_ids + self.ids, sampling_kwargs(config, seed=seed, max_tokens=budget_left)
+        return self.prompt_ids + self.ids, sampling_kwargs(config, seed=seed, max_tokens=budget_left,
+                                                           stop_token_ids=self.stop_token_ids)
 
 
 class TokenText:
@@ -123,13 +131,24 @@ class TokenText:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def forced(self, text: str) -> list[int]:
+        """Ids that write exactly `text` after the row's text (`decoding.forced_ids`)."""
+        return forced_ids(self.tokenizer, text)
+
+    def end_ids(self) -> tuple[int, ...]:
+        """The chat template's end-of-turn id when it is not the tokenizer's EOS: a stop token to give vLLM."""
+        from factory.modeling import end_of_turn_id
+
+        end = end_of_turn_id(self.tokenizer)
+        return () if end is None or end == self.tokenizer.eos_token_id else (end,)
+
 
 def _force(row: RowState, config: DecodingConfig, tokens: TokenText) -> None:
     """Append the calculator's result if the row's text ends inside `<<expr=`; never past the budget."""
     row.handled_eq, suffix = calculator_completion(row.prompt + row.generated, row.handled_eq)
     if suffix is None:
         return
-    forced = tokens.encode(suffix)[: config.max_new_tokens - len(row.ids)]
+    forced = tokens.forced(suffix)[: config.max_new_tokens - len(row.ids)]
     row.ids += forced
     row.generated += "".join(tokens(t) for t in forced)
     row.n_forced += len(forced)
@@ -137,7 +156,7 @@ def _force(row: RowState, config: DecodingConfig, tokens: TokenText) -> None:
 
 def start_row(prompt: str, seed: int, config: DecodingConfig, tokens: TokenText) -> RowState:
     """A row before its first segment; a prompt ending inside an annotation gets its result first."""
-    row = RowState(prompt_ids=tokens.encode(prompt), prompt=prompt, seed=seed)
+    row = RowState(prompt_ids=tokens.encode(prompt), prompt=prompt, seed=seed, stop_token_ids=tokens.end_ids())
     if config.calculator:
         _force(row, config, tokens)
     if len(row.ids) >= config.max_new_tokens:
