@@ -38,6 +38,8 @@ def build(cls: type[T], values: dict[str, Any] | None, *, where: str) -> T:
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             values[name] = tuple(value)
+        elif isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):  # a nested section, e.g. dpo.lora
+            values[name] = build(hints[name], value, where=f"{where}, key {name!r}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
