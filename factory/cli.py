@@ -63,8 +63,29 @@ def cmd_problems(args) -> None:
           f"{len(dropped)} dropped -> {dropped_path}")
 
 
+def base_source(base_model: str) -> str | None:
+    """What a base model was made from, for its lineage's `parent` (None: built from scratch).
+
+    A GGUF file is named by its file name and content fingerprint (`gguf:NAME.gguf@HASH`), not by where it
+    lies on this machine; a local folder by its model id; a Hub id as `hub:NAME`.
+    """
+    from factory.lineage import model_id
+    from factory.modeling import TINY, is_gguf
+
+    if base_model == TINY:
+        return None
+    if is_gguf(base_model) and Path(base_model).is_file():
+        from factory.ids import file_fingerprint
+
+        return f"gguf:{Path(base_model).name}@{file_fingerprint(base_model)[:16]}"
+    return model_id(base_model)
+
+
 def cmd_base(args) -> None:
-    """Save the base model: the tiny model built from scratch on the task, or a Hub id / local model.
+    """Save the base model: the tiny model built from scratch on the task, or a Hub id, local folder or GGUF file.
+
+    A GGUF file (warmup.base_model: path/to/model.gguf) is dequantized and saved as an ordinary HF folder with its
+    tokenizer and chat template.
 
     The warm-up and every self-training step start from it (params: warmup.base_model, model).
     Example: factory base --problems data/problems.parquet --out models/base
@@ -80,7 +101,7 @@ def cmd_base(args) -> None:
     problems = read_table(args.problems, "problems").to_pylist()
     summary = build_base(problems=problems, base_model=config.base_model, tiny=tiny, out_dir=args.out)
     record = write_model_lineage(
-        args.out, stage="base", parent=None if config.base_model == "tiny" else config.base_model,
+        args.out, stage="base", parent=base_source(config.base_model),
         data={"problems": args.problems}, params={"base_model": config.base_model, "model": as_dict(tiny)},
         metrics=summary,
     )
@@ -534,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropped", help="where dropped rows go (default: OUT with .dropped.parquet)")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (arith reads its `problems.arith`)")
 
-    p = command("base", cmd_base, "save the base model (tiny from scratch, or a Hub id / local folder)")
+    p = command("base", cmd_base, "save the base model (tiny from scratch, or a Hub id / local folder / GGUF file)")
     p.add_argument("--problems", required=True, help="problems Parquet (the tiny tokenizer learns its text)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `warmup.base_model`, `model`)")
