@@ -21,8 +21,11 @@ Where we depart from the papers:
 - The NLL term is on for DPO-ST too: plain DPO collapsed in this project's
   prototype (the chosen answers' likelihood fell and answers with the wrong
   number of steps went from 3% to 23%; see DESIGN.md).
-- Step-level pairs from a search tree whose sides are steps with more to come
-  (`mcts_dpo`) are trained without the EOS TRL appends to every completion.
+- Each finished side ends with the model's own end-of-turn token
+  (`factory.modeling.format_completion`: `<|im_end|>` for a ChatML model, EOS
+  for the tiny one), and TRL gets a tokenizer whose EOS is that token, so it
+  appends no second one. Step-level pairs from a search tree whose sides are
+  steps with more to come (`mcts_dpo`) are trained without it.
 - A subclass rather than TRL's loss types: TRL 1.x has no per-example weights
   (its `use_weighting` is WPO's, computed from the policy), and its "sft" term
   is a token mean over the batch rather than a per-pair mean.
@@ -35,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from factory.modeling import load_model
+from factory.modeling import format_completion, load_model, trainer_tokenizer
 from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
 
 
@@ -72,6 +75,11 @@ def open_ended(pair: dict, side: str) -> bool:
     TRL appends EOS to every completion; trained on such a step, the model would learn to stop after it.
     """
     return bool(pair.get(f"{side}_node_id")) and pair[side].endswith("\n")
+
+
+def completion(tokenizer, pair: dict, side: str) -> str:
+    """One side of a pair as a training completion: closed with the model's end of turn, unless open-ended."""
+    return pair[side] if open_ended(pair, side) else format_completion(tokenizer, pair[side])
 
 
 def drop_appended_eos(batch: dict, rows: list[int], eos: int) -> None:
@@ -186,7 +194,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": completion(tokenizer, p, "chosen"),
+                                  "rejected": completion(tokenizer, p, "rejected"),
                                   "weight": float(p.get("weight", 1.0)), "chosen_open": open_ended(p, "chosen"),
                                   "rejected_open": open_ended(p, "rejected")} for p in pairs])
     steps_per_epoch = -(-len(pairs) // config.batch_size)
@@ -206,7 +215,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             data_seed=config.seed,
             **cpu_safe_settings(),
         )
-        trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset,
+                                          processing_class=trainer_tokenizer(tokenizer),
                                           nll_weight=config.nll_weight)
         started = time.monotonic()
         trainer.train()

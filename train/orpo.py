@@ -16,7 +16,10 @@ How TRL handles our pairs (checked against trl 1.16's source):
 - Prompts are plain strings, so its `maybe_apply_chat_template` leaves them as
   they are: the prompt is used verbatim, no chat template is needed, and no
   special token is added (`add_special_tokens=False`; a BOS is prepended only
-  if the tokenizer has one, an EOS is appended to each completion).
+  if the tokenizer has one, and an EOS id is appended to each completion
+  whose last token is not EOS). Completions here end with the model's own
+  end-of-turn token (`factory.modeling.format_completion`) and TRL gets a
+  tokenizer whose EOS is that token, so nothing more is appended.
 - The prompt/completion boundary is found by tokenizing prompt and
   prompt+completion; when the last prompt token merges with the completion it
   goes to the completion. The odds-ratio term is over completion tokens only.
@@ -38,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from factory.modeling import load_model
+from factory.modeling import format_completion, load_model, trainer_tokenizer
 from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
 
 
@@ -109,8 +112,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     if not kept:
         raise ValueError(f"every one of the {len(pairs)} pairs has a prompt of max_length {config.max_length} "
                          "tokens or more: nothing of the completions would be trained")
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                                 for p in kept])
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": format_completion(tokenizer, p["chosen"]),
+                                  "rejected": format_completion(tokenizer, p["rejected"])} for p in kept])
     steps_per_epoch = -(-len(kept) // config.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         args = ORPOConfig(
@@ -127,7 +130,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             data_seed=config.seed,
             **cpu_safe_settings(),
         )
-        trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset,
+                                  processing_class=trainer_tokenizer(tokenizer))
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started

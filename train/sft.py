@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.evaluate import EvalConfig, evaluate
-from factory.modeling import TINY, TinyModelConfig, build_tiny_model, count_parameters, format_prompt, load_model
+from factory.modeling import (TINY, TinyModelConfig, build_tiny_model, count_parameters, format_completion,
+                              format_prompt, load_model, trainer_tokenizer)
 from train.common import cpu_safe_settings, save_model_atomically
 
 
@@ -185,7 +186,8 @@ def train_sft(
     print(f"SFT: {count_parameters(model) / 1e6:.2f}M parameters, {len(examples)} examples", flush=True)
     steps_per_epoch = -(-len(examples) // config.batch_size)
     dataset = Dataset.from_list(
-        [{"prompt": format_prompt(tokenizer, e["question"]), "completion": e["rationale"]} for e in examples]
+        [{"prompt": format_prompt(tokenizer, e["question"]), "completion": format_completion(tokenizer, e["rationale"])}
+         for e in examples]  # the completion ends the assistant turn with the model's own end-of-turn token
     )
     scorer = _DevScorer(tokenizer, dev, config, every_steps=score_every_steps, patience=patience,
                         min_epochs=min_epochs, min_delta=min_delta)
@@ -207,7 +209,8 @@ def train_sft(
             **cpu_safe_settings(),
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[scorer.callback]
+            model=model, args=args, train_dataset=dataset, processing_class=trainer_tokenizer(tokenizer),
+            callbacks=[scorer.callback],
         )
         trainer.train()
     if scorer.best_state is not None:
