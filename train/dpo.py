@@ -33,13 +33,15 @@ Where we depart from the papers:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
+from train.common import (LoRASettings, cpu_safe_settings, frozen_base_dtype, is_lora, last_epoch_mean,
+                          save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,7 @@ class DPOTrainConfig:
     warmup_steps: int = 10
     max_length: int = 512  # prompt + completion tokens; longer sequences are truncated at the end
     seed: int = 0
+    lora: LoRASettings = LoRASettings()  # off: full fine-tuning; on: LoRA adapters, saved merged
 
 
 def weighted_dpo_nll_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
@@ -155,7 +158,15 @@ def _weighted_dpo_trainer():
             return (token_logps * mask[:, 1:]).sum(dim=1)
 
         def compute_ref_log_probs(self, model, inputs):
-            with torch.no_grad(), self.accelerator.autocast():
+            """The reference's log-probs: the starting model, i.e. with LoRA the base with its adapters disabled.
+
+            They are precomputed before the first step, when fresh adapters (B = 0) change nothing anyway;
+            disabling them makes the reference the base model whatever the adapters hold.
+            """
+            adapters_off = contextlib.nullcontext()
+            if is_lora(self.model):
+                adapters_off = self.accelerator.unwrap_model(self.model).disable_adapter()
+            with torch.no_grad(), adapters_off, self.accelerator.autocast():
                 return self.completion_logps(model, inputs).chunk(2, dim=0)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -194,6 +205,7 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
+    model = frozen_base_dtype(model, config.lora)
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": completion(tokenizer, p, "chosen"),
                                   "rejected": completion(tokenizer, p, "rejected"),
                                   "weight": float(p.get("weight", 1.0)), "chosen_open": open_ended(p, "chosen"),
@@ -209,7 +221,7 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             beta=config.beta,
             loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
             max_length=config.max_length,
-            precompute_ref_log_probs=True,  # reference = the starting model, scored once, not kept in memory
+            precompute_ref_log_probs=True,  # reference = the starting model (LoRA: adapters off), scored once
             logging_steps=max(1, steps_per_epoch // 4),
             seed=config.seed,
             data_seed=config.seed,
@@ -217,11 +229,11 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
         )
         trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset,
                                           processing_class=trainer_tokenizer(tokenizer),
-                                          nll_weight=config.nll_weight)
+                                          nll_weight=config.nll_weight, peft_config=config.lora.peft_config())
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started
-    save_model_atomically(model, tokenizer, out_dir)
+    save_model_atomically(trainer.model, tokenizer, out_dir)  # LoRA: merged into the weights
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step

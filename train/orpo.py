@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import cpu_safe_settings, last_epoch_mean, save_model_atomically
+from train.common import LoRASettings, cpu_safe_settings, frozen_base_dtype, last_epoch_mean, save_model_atomically
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +56,7 @@ class ORPORunConfig:
     max_length: int = 512  # prompt + completion tokens; the completion is cut at the end
     warmup_steps: int = 10
     seed: int = 0
+    lora: LoRASettings = LoRASettings()  # off: full fine-tuning; on: LoRA adapters, saved merged
 
     def __post_init__(self):
         if not self.beta >= 0:
@@ -108,6 +109,7 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
         raise ValueError(f"ORPO needs preference pairs; got none (model {model_dir})")
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
+    model = frozen_base_dtype(model, config.lora)
     kept = [p for p in pairs if _prompt_tokens(tokenizer, p["prompt"]) < config.max_length]
     if not kept:
         raise ValueError(f"every one of the {len(pairs)} pairs has a prompt of max_length {config.max_length} "
@@ -131,13 +133,14 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
             **cpu_safe_settings(),
         )
         trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset,
-                                  processing_class=trainer_tokenizer(tokenizer))
+                                  processing_class=trainer_tokenizer(tokenizer),
+                                  peft_config=config.lora.peft_config())
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started
     model = trainer.model
     model.eval()
-    save_model_atomically(model, tokenizer, out_dir)
+    save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step

@@ -30,7 +30,7 @@ from pathlib import Path
 from factory.evaluate import EvalConfig, evaluate
 from factory.modeling import (TINY, TinyModelConfig, build_tiny_model, count_parameters, format_completion,
                               format_prompt, load_model, trainer_tokenizer)
-from train.common import cpu_safe_settings, save_model_atomically
+from train.common import LoRASettings, cpu_safe_settings, frozen_base_dtype, is_lora, save_model_atomically
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +46,7 @@ class SFTRunConfig:
     dev_split: str = "dev"
     dev_max_new_tokens: int = 160
     seed: int = 0
+    lora: LoRASettings = LoRASettings()  # off: full fine-tuning; on: LoRA adapters, saved merged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +149,10 @@ class _DevScorer:
               flush=True)
         if accuracy > self.best_accuracy + self.min_delta:
             self.best_accuracy, self.stale = accuracy, 0
-            self.best_state = copy.deepcopy(model.state_dict())
+            if is_lora(model):  # only the adapters train: keep them, not a copy of the whole base
+                self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.stale += 1
             if self.patience and self.stale >= self.patience and state.epoch >= self.min_epochs:
@@ -182,8 +186,11 @@ def train_sft(
         raise ValueError(f"SFT needs training examples; got none (model {model_dir})")
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_dir)
+    model = frozen_base_dtype(model, config.lora)
     model.train()
-    print(f"SFT: {count_parameters(model) / 1e6:.2f}M parameters, {len(examples)} examples", flush=True)
+    parameters = count_parameters(model)
+    lora = f", LoRA r={config.lora.r}" if config.lora.enabled else ""
+    print(f"SFT: {parameters / 1e6:.2f}M parameters{lora}, {len(examples)} examples", flush=True)
     steps_per_epoch = -(-len(examples) // config.batch_size)
     dataset = Dataset.from_list(
         [{"prompt": format_prompt(tokenizer, e["question"]), "completion": format_completion(tokenizer, e["rationale"])}
@@ -211,11 +218,13 @@ def train_sft(
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=trainer_tokenizer(tokenizer),
             callbacks=[scorer.callback],
+            peft_config=config.lora.peft_config(),
         )
         trainer.train()
+    model = trainer.model  # with LoRA, the peft model around the base
     if scorer.best_state is not None:
-        model.load_state_dict(scorer.best_state)
-    save_model_atomically(model, tokenizer, out_dir)
+        model.load_state_dict(scorer.best_state, strict=not is_lora(model))
+    save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
     best = max(scorer.history, key=lambda h: h["dev_accuracy"])
     return {
         "curve": scorer.history,
@@ -224,7 +233,7 @@ def train_sft(
         "dev_accuracy": best["dev_accuracy"],
         "steps": trainer.state.global_step,
         "examples": len(examples),
-        "parameters": count_parameters(model),
+        "parameters": parameters,
     }
 
 
