@@ -234,6 +234,7 @@ def baseline_labels(problems: list[dict], samples: list[dict]) -> list[dict]:
         check = check_annotations(text)
         labels.append({
             "sample_id": sample["sample_id"], "problem_id": sample["problem_id"], "answer": extraction.answer,
+            "answer_canonical": extraction.answer,  # numbers are their own canonical text (factory.labelers.canonical)
             "answer_source": extraction.source, "answer_status": status,
             "correct": None if gold_answer is None else status == "correct", "n_steps": len(split_steps(text)),
             "calc_total": check.total, "calc_wrong": check.wrong, "calc_invalid": check.invalid,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Values of labels.answer_status.
-ANSWER_STATUSES = ("correct", "wrong", "unparseable", "no_gold")
+# Values of labels.answer_status; `timeout`: math-verify ran out of time judging a symbolic answer (correct is null).
+ANSWER_STATUSES = ("correct", "wrong", "unparseable", "no_gold", "timeout")
 
 PROBLEMS = pa.schema(
     [
@@ -53,7 +53,9 @@ LABELS = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("problem_id", pa.string(), nullable=False),
-        pa.field("answer", pa.string()),  # normalised number; null: unparseable
+        pa.field("answer", pa.string()),  # normalised number, or a symbolic answer's LaTeX; null: unparseable
+        # equal within a problem iff the answers are equivalent (numbers and rationals: everywhere); votes use it
+        pa.field("answer_canonical", pa.string()),
         pa.field("answer_source", pa.string()),  # which pattern found it (hashes, boxed, ...)
         pa.field("answer_status", pa.string(), nullable=False),  # one of ANSWER_STATUSES
         pa.field("correct", pa.bool_()),  # null: no gold to judge against

@@ -18,6 +18,7 @@ from factory.answers import (
     extract_answer,
     normalize_answer,
     normalize_number,
+    number_value,
     parse_number,
 )
 from factory.schema import ANSWER_STATUSES
@@ -76,7 +77,8 @@ def test_extraction_rules(text, answer, source):
         ("Step 1: 4 + 4 = 8\n#### ", Extraction("8", "last_number")),
         ("#### Step 1\n3 + 4 = 7\nThe answer is 7", Extraction("7", "the_answer_is")),
         ("The answer is obtained from 3 + 5 = 8", Extraction("8", "last_number")),
-        (r"\boxed{\text{yes}} because 2 > 1", Extraction("1", "last_number")),
+        (r"\boxed{ } because 2 > 1", Extraction("1", "last_number")),  # an empty box holds no answer
+        (r"\boxed{\text{yes}} because 2 > 1", Extraction(r"\text{yes}", "boxed")),  # a text answer is an answer
         ("#### 12\n#### ", Extraction("12", "hashes")),  # the last #### that carries a number
         # nothing at all
         ("", Extraction(None, None)),
@@ -185,7 +187,7 @@ def test_answer_status_all_four():
     assert answer_status(None, None) == "unparseable"
     assert answer_status("18", None) == "no_gold"
     statuses = {answer_status(p, g) for p, g in [("1", "1"), ("1", "2"), (None, "1"), ("1", None)]}
-    assert statuses == set(ANSWER_STATUSES)
+    assert statuses == set(ANSWER_STATUSES) - {"timeout"}  # only math-verify times out: tests/test_math_answers.py
 
 
 def test_status_from_extraction():
@@ -212,8 +214,9 @@ _ANSWERISH = st.text(alphabet="0123456789 ,.$-+/#%<>=:\n\\{}boxedfracAnswer is",
 @given(_ANSWERISH)
 def test_extract_never_raises_on_number_soup(text):
     result = extract_answer(text)
-    if result.answer is not None:
-        assert parse_number(result.answer) is not None
+    if result.answer is not None:  # a number comes normalised; a symbolic answer is never a plain number
+        value = number_value(result.answer)
+        assert value is None or normalize_number(value) == result.answer
 
 
 @settings(max_examples=300, deadline=None)

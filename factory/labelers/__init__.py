@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.labelers.calculator import calculator_columns
+from factory.labelers.canonical import canonical_column
 from factory.labelers.gold import gold_columns
 from factory.labelers.vote import vote_columns, vote_table
 from factory.schema import validate
@@ -36,7 +37,7 @@ def check_labelers(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str = "<samples>",
-                  labelers: tuple[str, ...] = LABELERS) -> pa.Table:
+                  labelers: tuple[str, ...] = LABELERS, verifier=None) -> pa.Table:
     labelers = check_labelers(labelers)
     problem_ids = samples.column("problem_id")
     # The last row of a problem_id wins, as in a dict built from the problems file.
@@ -53,7 +54,9 @@ def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str 
         golds = pa.nulls(samples.num_rows, pa.string())
     texts = samples.column("text")
     columns = {"sample_id": samples.column("sample_id"), "problem_id": problem_ids}
-    columns |= gold_columns(texts, golds)
+    columns |= gold_columns(texts, golds, verifier=verifier)
+    columns["answer_canonical"] = canonical_column(problem_ids, columns["answer"], golds, columns["correct"],
+                                                   verifier=verifier)
     columns |= calculator_columns(texts)
     labels = pa.table(columns)
     if "vote" in labelers:

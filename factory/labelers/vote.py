@@ -1,9 +1,11 @@
-"""Majority-vote labeler (self-consistency): votes per normalised final answer, per problem.
+"""Majority-vote labeler (self-consistency): votes per final answer, per problem.
 
-It reads only the extracted answers, never gold, so it labels problems that
-have none (ScPO's setting). Both are vectorised rather than a Python loop per
-row: the per-sample columns in numpy over dictionary codes, the per-problem
-table as one DuckDB query over Arrow.
+An answer votes by its `answer_canonical` text (`factory.labelers.canonical`),
+so ``\\frac{1}{2}``, ``1/2`` and ``0.5`` are one vote; labels without that
+column (written before it existed) vote by `answer`. It reads only the answers,
+never gold, so it labels problems that have none (ScPO's setting). Both are
+vectorised rather than a Python loop per row: the per-sample columns in numpy
+over dictionary codes, the per-problem table as one DuckDB query over Arrow.
 
 Per sample (columns of `labels`): `vote_count`, the samples of its problem with
 the same answer (0 when it has none); `vote_share`, that count over the
@@ -72,7 +74,7 @@ def _query(sql: str, labels: pa.Table) -> pa.Table:
 def vote_columns(labels: pa.Table) -> dict[str, pa.Array]:
     """`vote_count`, `vote_share` and `vote_rank` for each row of `labels` (problem_id, answer), in row order."""
     problem = _codes(labels.column("problem_id"))
-    answer = _codes(labels.column("answer"))
+    answer = _codes(voting_answers(labels))
     answered = answer >= 0
     k = np.bincount(problem)[problem] if len(problem) else np.zeros(0, np.int64)
     _, group, count = np.unique(problem * (answer.max(initial=0) + 2) + answer + 1, return_inverse=True,
@@ -92,15 +94,28 @@ def vote_columns(labels: pa.Table) -> dict[str, pa.Array]:
     }
 
 
-def _codes(column: pa.ChunkedArray) -> np.ndarray:
+def voting_answers(labels: pa.Table) -> pa.ChunkedArray:
+    """The answer each label votes with: `answer_canonical`, or `answer` where that is null or missing."""
+    if "answer_canonical" not in labels.column_names:
+        return labels.column("answer")
+    return pc.coalesce(labels.column("answer_canonical"), labels.column("answer"))
+
+
+def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Dictionary codes of a string column; null is -1."""
-    encoded = pc.dictionary_encode(column.combine_chunks())
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = pc.dictionary_encode(column)
     return encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def vote_table(labels: pa.Table) -> pa.Table:
-    """One `votes` row per problem of `labels` (problem_id, answer, correct), sorted by problem_id."""
+    """One `votes` row per problem of `labels` (problem_id, answer, correct), sorted by problem_id.
+
+    `top_answer` is the winning answer's canonical text.
+    """
     from factory.schema import validate
 
-    columns = labels.select(["problem_id", "answer", "correct"])
+    columns = pa.table({"problem_id": labels.column("problem_id"), "answer": voting_answers(labels),
+                        "correct": labels.column("correct")})
     return validate(_query(_PROBLEM_VOTES, columns), "votes")
