@@ -261,6 +261,7 @@ _MATH_ENV = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 _EMPHASIS = " \t*_:"  # markdown and punctuation around a marker's answer
 _OPEN_END = tuple("=+-*/^_,(<>:\\")  # a whole text ending so was cut off, not answered
+_FORMULA = re.compile(r"[\d\\^_{}+\-*/=<>,]")  # a whole text of letters alone ("T", "(C)") is not an answer
 _BRACE = re.compile(r"(?<!\\)[{}]")
 
 
@@ -345,7 +346,8 @@ def _read_whole(text: str) -> str | None:
         return None
     env = _MATH_ENV.fullmatch(text)
     content = _env_content(env).strip() if env is not None else text
-    if content.endswith(_OPEN_END) or number_value(content, lhs=True) is not None or not looks_like_math(content):
+    if (content.endswith(_OPEN_END) or not _FORMULA.search(content) or number_value(content, lhs=True) is not None
+            or not looks_like_math(content)):
         return None
     return content
 

@@ -40,6 +40,7 @@ def cmd_problems(args) -> None:
     from factory.params import as_dict, section
     from factory.problems import load_source, source_inputs
     from factory.problems.arith import ArithConfig
+    from factory.problems.files import dropped_path as default_dropped_path
     from factory.schema import from_rows
 
     arith = None
@@ -53,7 +54,7 @@ def cmd_problems(args) -> None:
     inputs = source_inputs(args.source)
     write_table(from_rows(problems, "problems", source=args.source), out, kind="problems",
                 stage="problems", params=record, inputs=inputs)
-    dropped_path = Path(args.dropped) if args.dropped else out.with_name(out.stem + ".dropped.parquet")
+    dropped_path = Path(args.dropped) if args.dropped else default_dropped_path(out)
     write_table(from_rows(dropped, "dropped", source=args.source), dropped_path, kind="dropped",
                 stage="problems", params=record, inputs=inputs)
     counts: dict[str, int] = {}
@@ -258,7 +259,8 @@ def cmd_label(args) -> None:
                                                           samples.column("text").to_pylist())]
         samples = samples.append_column("sample_id", pa.array(ids, pa.string()))
     problems = read_table(args.problems, "problems")
-    labels = label_samples(samples, problems, samples_source=str(args.samples), labelers=labelers)
+    labels = label_samples(samples, problems, samples_source=str(args.samples), labelers=labelers,
+                           problems_source=str(args.problems))
     record, inputs = {"labelers": list(labelers)}, {"samples": args.samples, "problems": args.problems}
     write_table(labels, args.out, kind="labels", stage="label", params=record, inputs=inputs)
     votes = vote_table(labels) if "vote" in labelers else None
@@ -378,7 +380,8 @@ def cmd_pairs(args) -> None:
         for field in ("sample_id", "problem_id", "text"):
             if not isinstance(sample.get(field), str):
                 raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {sample.get(field)!r}")
-    check_inputs(problems, samples, labels, sources={"samples": str(args.samples), "labels": str(args.labels)})
+    check_inputs(problems, samples, labels, sources={"samples": str(args.samples), "labels": str(args.labels),
+                                                     "problems": str(args.problems)})
 
     from transformers import AutoTokenizer
 

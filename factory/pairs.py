@@ -33,6 +33,7 @@ from factory.filters.json_rows import json_strings
 from factory.filters.similarity import jaccard as bulk_jaccard
 from factory.filters.similarity import word_bitsets
 from factory.labelers.columnar import as_array, threads
+from factory.problems.files import unknown_problem
 from factory.ids import ID_PREFIXES, canonical_json, content_id
 from factory.schema import PAIRS, from_rows
 from factory.steps import prefix_text, split_steps
@@ -124,7 +125,8 @@ def check_inputs(
     """The label of each sample, by sample_id, after checking that the three inputs join.
 
     Every sample needs a known problem and exactly one label; errors name the
-    sample and the file (`sources` maps "samples"/"labels" to file names).
+    sample and the file (`sources` maps "samples"/"labels"/"problems" to file
+    names; an unknown problem is `factory.problems.files.unknown_problem`).
     """
     names = {"samples": "<samples>", "labels": "<labels>", **(sources or {})}
     problem_ids = {p["problem_id"] for p in problems}
@@ -140,8 +142,7 @@ def check_inputs(
             raise ValueError(f"{names['samples']}: row {index}: sample {sample_id!r} appears twice")
         seen.add(sample_id)
         if sample["problem_id"] not in problem_ids:
-            raise ValueError(f"{names['samples']}: row {index}: sample {sample_id!r} has problem "
-                             f"{sample['problem_id']!r}, which is not in the problems file")
+            raise unknown_problem(names["samples"], index, sample["problem_id"], names.get("problems"))
         if sample_id not in label_by_id:
             raise ValueError(f"{names['labels']}: no label for sample {sample_id!r} "
                              f"(row {index} of {names['samples']})")
@@ -286,6 +287,12 @@ def _group_by_problem(samples: list[dict]) -> dict[str, list[dict]]:
     return {p: sorted(group, key=lambda s: s["sample_id"]) for p, group in sorted(by_problem.items())}
 
 
+def _voting_answer(label: dict) -> str | None:
+    """The answer a label voted with (`factory.labelers.vote.voting_answers`): canonical, else as extracted."""
+    canonical = label.get("answer_canonical")
+    return canonical if canonical is not None else label["answer"]
+
+
 def scpo_pairs(
     problems: list[dict],
     samples: list[dict],
@@ -297,9 +304,9 @@ def scpo_pairs(
 ) -> tuple[list[dict], dict]:
     """ScPO pairs (Prasad et al., 2024): the most-voted answer over the least-voted one, weighted by the margin.
 
-    Reads no gold: only each sample's extracted answer and vote count (the
-    `vote` labeler's columns of `labels`, computed over all k samples of a
-    problem before filtering). A problem is kept if its top answer is unique
+    Reads no gold: only each sample's answer (canonical: equivalent answers
+    are one) and vote count (the `vote` labeler's columns of `labels`, computed
+    over all k samples of a problem before filtering). A problem is kept if its top answer is unique
     and has at least `config.min_vote_share` of the k votes. Chosen: a kept
     sample with the top answer; rejected: a kept sample with the fewest votes
     among the other answers (no answer counts 0 votes). Weight
@@ -322,7 +329,7 @@ def scpo_pairs(
         if label.get("vote_count") is None:
             raise ValueError(f"labels of sample {label['sample_id']!r} have no vote_count: "
                              "label with the vote labeler (factory label --labelers vote)")
-        votes.setdefault(label["problem_id"], []).append((label["answer"], label["vote_count"]))
+        votes.setdefault(label["problem_id"], []).append((_voting_answer(label), label["vote_count"]))
 
     rows: list[dict] = []
     skipped = dict.fromkeys(VOTE_SKIP_REASONS, 0)
@@ -338,8 +345,8 @@ def scpo_pairs(
             continue
         (top,) = leaders
         answered = [(s, label_by_id[s["sample_id"]]) for s in group]
-        positives = [(s["sample_id"], s["text"]) for s, label in answered if label["answer"] == top]
-        others = [(s, label["vote_count"]) for s, label in answered if label["answer"] != top]
+        positives = [(s["sample_id"], s["text"]) for s, label in answered if _voting_answer(label) == top]
+        others = [(s, label["vote_count"]) for s, label in answered if _voting_answer(label) != top]
         if not positives or not others:
             skipped[NO_POSITIVE if not positives else NO_NEGATIVE] += 1
             continue

@@ -164,7 +164,7 @@ def test_inputs_that_do_not_join_are_errors_naming_the_sample():
     problems, samples, labels = make_rows()
     with pytest.raises(ValueError, match="<labels>: no label for sample 's-w2'"):
         run(problems, samples, [label for label in labels if label["sample_id"] != "s-w2"])
-    with pytest.raises(ValueError, match="sample 's-t1' has problem 'p-tom', which is not in the problems file"):
+    with pytest.raises(ValueError, match=r"<samples>: row \d+ field 'problem_id': 'p-tom' is not in the problems file"):
         run([MIA], samples, labels)
     with pytest.raises(ValueError, match="sample 's-c1' appears twice"):
         run(problems, samples + samples[:1], labels)

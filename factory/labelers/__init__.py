@@ -1,12 +1,19 @@
 """Labelers attach verdicts to samples: the gold answer, the calculator checks, the majority vote.
 
 `label_samples` joins samples to their problems and runs the chosen labelers,
-returning a `labels` table; a sample whose problem is unknown is an error that
-names the file and row rather than a silently unjudged row. The final answer
-is always extracted and the calculator always checks the annotations (both
-need nothing but the text). `gold` judges against gold answers; without it
-gold is never read (`correct` is null, status `no_gold`). `vote` adds each
-sample's vote count, share and rank; `vote_table` gives one row per problem.
+returning a `labels` table. A sample whose problem is unknown is an error
+rather than a silently unjudged row: one line naming the samples file, the
+row and the field, and the problems file; if `factory problems` dropped that
+problem (its dropped table lies next to the problems file) it says so, with
+the reason (`factory.problems.files.unknown_problem`, which `factory pairs`
+uses too). The final answer is always extracted, its canonical form
+(`answer_canonical`, `factory.labelers.canonical`) always computed, and the
+calculator always checks the annotations (all need nothing but the text and,
+for the canonical form, gold when read). `gold` judges against gold answers;
+without it gold is never read (`correct` is null, status `no_gold`). `vote`
+adds each sample's vote count, share and rank; `vote_table` gives one row per
+problem. Symbolic answers go to math-verify through `verifier`
+(`factory.labelers.symbolic`; default: the shared one).
 
 Each labeler works on whole Arrow columns and hands the rows its fast path
 does not cover to its per-row reference (`gold_labels`, `calculator_labels`),
@@ -22,6 +29,7 @@ from factory.labelers.calculator import calculator_columns
 from factory.labelers.canonical import canonical_column
 from factory.labelers.gold import gold_columns
 from factory.labelers.vote import vote_columns, vote_table
+from factory.problems.files import unknown_problem
 from factory.schema import validate
 
 LABELERS = ("gold", "vote")
@@ -37,7 +45,8 @@ def check_labelers(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str = "<samples>",
-                  labelers: tuple[str, ...] = LABELERS, verifier=None) -> pa.Table:
+                  labelers: tuple[str, ...] = LABELERS, problems_source: str | None = None,
+                  verifier=None) -> pa.Table:
     labelers = check_labelers(labelers)
     problem_ids = samples.column("problem_id")
     # The last row of a problem_id wins, as in a dict built from the problems file.
@@ -46,8 +55,7 @@ def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str 
     unknown = last.is_null()
     if pc.any(unknown).as_py():
         row = pc.index(unknown, True).as_py()
-        raise ValueError(f"{samples_source}: row {row} field 'problem_id': {problem_ids[row].as_py()!r} "
-                         "is not in the problems file")
+        raise unknown_problem(samples_source, row, problem_ids[row].as_py(), problems_source)
     if "gold" in labelers:
         golds = problems.column("gold_answer").take(last)
     else:

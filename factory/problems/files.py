@@ -1,4 +1,4 @@
-"""Problem sources from files and the Hugging Face Hub.
+r"""Problem sources from files and the Hugging Face Hub.
 
 Each loader returns ``(problems, dropped)``: `problems` are dicts with exactly
 the columns of `factory.schema.PROBLEMS`, `dropped` dicts with the columns of
@@ -11,20 +11,39 @@ How a record becomes a problem:
   is an error (`ProblemSourceError`), as is a line that is not a JSON object:
   a broken source should stop the pipeline, not shrink it.
 - ``answer`` is optional. Text containing ``####`` is GSM8K format: the gold
-  answer is the number after the last ``####``, the gold rationale is the whole
+  answer is what follows the last ``####``, the gold rationale is the whole
   text as it is, and ``n_steps`` counts its steps (`factory.steps.split_steps`;
   a text with no step before ``####`` is a bare answer: no rationale, no
   n_steps). Other text, or a number, is a bare final answer. Missing or null:
   an unlabeled problem (gold_answer None).
+- A final answer that is a plain number is stored normalised
+  (`factory.answers.number_value`: ``1,080`` -> ``1080``); one that looks like
+  math (`factory.answers.looks_like_math`: ``\sqrt{51}``, ``(2,\infty)``,
+  ``2k``) is stored as written; other text must hold exactly one number, which
+  is stored. A gold answer is never rewritten into a different value.
+- MATH format (Hendrycks et al.): a record with a ``solution`` field, or with
+  ``problem`` and no ``question`` while the question field is the default, on
+  any source (``jsonl:``, ``hf:``; ``level``, ``type`` and other fields are
+  ignored). The question is ``problem`` (or ``question``), the gold rationale
+  is the ``solution`` as it is, and the gold answer is the ``answer`` field,
+  read as LaTeX (`factory.answers.read_answer`: any non-empty answer is kept),
+  or else the last non-empty ``\boxed{}`` of the solution, read as extraction
+  reads it; a solution without one drops the record.
 - An answer that is present but unusable (no number, several numbers, neither
-  text nor a number) drops the record with filter ``answer``; a problem_id seen
-  before drops it with filter ``duplicate``, naming the line (or row) it repeats.
+  text nor a number, a MATH solution without a box) drops the record with
+  filter ``answer``; a problem_id seen before drops it with filter
+  ``duplicate``, naming the line (or row) it repeats.
 - problem_id is the record's id field as a string when it has one, else
   ``factory.ids.content_id("problem", question)`` of the question exactly as
   stored (not stripped), so the same question gets the same id everywhere.
 - `source` never holds a machine path: ``gsm8k:test.jsonl``, ``jsonl:mine.jsonl``,
   ``gsm8k:openai/gsm8k``, ``hf:<name>[:<config>]`` (a local dataset folder: its
   folder name).
+
+`factory problems` writes the dropped records next to the problems file
+(`dropped_path`), so a later command that meets a sample of an unknown
+problem can say that the problem was dropped, and why (`unknown_problem`:
+one error, the same for `factory label` and `factory pairs`).
 """
 
 from __future__ import annotations
@@ -37,11 +56,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from factory.answers import find_numbers, normalize_number
+from factory.answers import extract_answer, find_numbers, looks_like_math, normalize_number, number_value, read_answer
 from factory.ids import content_id
 from factory.steps import FINAL_ANSWER_MARKER, split_steps
 
-__all__ = ["ProblemSourceError", "load_gsm8k", "load_hf", "load_jsonl"]
+__all__ = ["ProblemSourceError", "dropped_path", "load_gsm8k", "load_hf", "load_jsonl", "unknown_problem"]
 
 STAGE = "problems"
 _GSM8K_SPLITS = ("train", "test")
@@ -58,7 +77,12 @@ def _short(value: Any) -> str:
 
 
 def _gold_from_text(text: str) -> tuple[str | None, str | None]:
-    """(normalised answer, None) or (None, why it is unusable) for a bare answer text."""
+    """(answer, None) or (None, why it is unusable) for a bare answer text (module docstring)."""
+    value = number_value(text)
+    if value is not None:
+        return normalize_number(value), None
+    if looks_like_math(text.strip()):
+        return read_answer(text), None
     numbers = find_numbers(text)
     if not numbers:
         return None, "has no number"
@@ -95,6 +119,61 @@ def _read_answer(value: Any, field: str) -> tuple[dict, str | None]:
     return {"gold_answer": gold, "gold_rationale": None, "n_steps": None}, None
 
 
+def _is_math(record: Any, question_field: str) -> bool:
+    return isinstance(record, dict) and ("solution" in record or (
+        question_field == "question" and "question" not in record and "problem" in record))
+
+
+def _read_math(record: dict, field: str) -> tuple[dict, str | None]:
+    """Columns from a MATH record: the answer field read as LaTeX, else the solution's final box; the solution
+    as the rationale."""
+    unlabeled = {"gold_answer": None, "gold_rationale": None, "n_steps": None}
+    solution, value = record.get("solution"), record.get(field)
+    if solution is not None and not isinstance(solution, str):
+        return unlabeled, f"field 'solution' is not text: {_short(solution)}"
+    if isinstance(value, str):
+        gold = read_answer(value)
+    elif value is None:
+        gold = None
+    else:  # a number, or something that is not an answer
+        columns, problem = _read_answer(value, field)
+        if problem:
+            return unlabeled, problem
+        gold = columns["gold_answer"]
+    if gold is None and solution:
+        extraction = extract_answer(solution)
+        if extraction.source not in ("hashes", "boxed"):
+            return unlabeled, f"field 'solution' has no \\boxed{{}} answer: {_short(solution[-_REPR_LIMIT:])}"
+        gold = extraction.answer
+    n_steps = len(split_steps(solution)) if solution else 0
+    return {"gold_answer": gold, "gold_rationale": solution or None, "n_steps": n_steps or None}, None
+
+
+def dropped_path(problems_path: str | os.PathLike) -> Path:
+    """Where `factory problems` writes a problems file's dropped records by default: ``NAME.dropped.parquet``."""
+    path = Path(problems_path)
+    return path.with_name(path.stem + ".dropped.parquet")
+
+
+def unknown_problem(source: str, row: int, problem_id: str, problems_source: str | None = None) -> ValueError:
+    """The error for a row whose problem_id is not in the problems file: file, row and field on one line,
+    and, when `factory problems` dropped that problem (its dropped file next to the problems file), why."""
+    message = f"{source}: row {row} field 'problem_id': {problem_id!r} is not in the problems file"
+    if problems_source is None:
+        return ValueError(message)
+    message += f" {problems_source}"
+    dropped = dropped_path(problems_source)
+    if dropped.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(dropped, columns=["row_id", "filter", "reason"])
+        rows = table.filter(pc.equal(table.column("row_id"), problem_id)).to_pylist()
+        if rows:
+            message += f" (factory problems dropped it, filter {rows[0]['filter']}: {rows[0]['reason']})"
+    return ValueError(message)
+
+
 def _record_json(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
@@ -123,15 +202,15 @@ def _map_records(
                 f"{origin}: {where}: expected a JSON object with field {question_field!r}, "
                 f"got {type(record).__name__}"
             )
-        question = record.get(question_field)
+        math = _is_math(record, question_field)
+        field = "problem" if math and question_field not in record else question_field
+        question = record.get(field)
         if question is None:
-            raise ProblemSourceError(f"{origin}: {where}: field {question_field!r} is missing or null")
+            raise ProblemSourceError(f"{origin}: {where}: field {field!r} is missing or null")
         if not isinstance(question, str):
-            raise ProblemSourceError(
-                f"{origin}: {where}: field {question_field!r} must be a string, got {_short(question)}"
-            )
+            raise ProblemSourceError(f"{origin}: {where}: field {field!r} must be a string, got {_short(question)}")
         if not question.strip():
-            raise ProblemSourceError(f"{origin}: {where}: field {question_field!r} is empty")
+            raise ProblemSourceError(f"{origin}: {where}: field {field!r} is empty")
         raw_id = record.get(id_field) if id_field else None
         if raw_id is not None:
             problem_id = str(raw_id)
@@ -155,7 +234,10 @@ def _map_records(
         if problem_id in first_seen:
             drop("duplicate", f"duplicate of {first_seen[problem_id]} (problem_id {problem_id})")
             continue
-        gold, problem = _read_answer(record.get(answer_field), answer_field)
+        if math:
+            gold, problem = _read_math(record, answer_field)
+        else:
+            gold, problem = _read_answer(record.get(answer_field), answer_field)
         if problem:
             drop("answer", problem)
             continue
@@ -256,7 +338,7 @@ def _dataset_records(datasets_by_split: list[tuple[str, Any]]) -> Iterator[tuple
 def _check_columns(datasets_by_split: list[tuple[str, Any]], origin: str, question_field: str) -> None:
     for split, dataset in datasets_by_split:
         columns = list(getattr(dataset, "column_names", None) or [])
-        if columns and question_field not in columns:
+        if columns and question_field not in columns and not _is_math(dict.fromkeys(columns), question_field):
             raise ProblemSourceError(
                 f"{origin}: split {split!r}: no field {question_field!r} (has: {', '.join(columns)})"
             )
