@@ -124,6 +124,7 @@ _ANNOTATION = re.compile(r"<<[^\n]*?(?:>>|$)", re.MULTILINE)
 # are plenty, since the number must come right after the marker.)
 _HASHES = re.compile(r"####(?=([^\n]{0,200}))")
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOX_BARE = re.compile(r"\\(?:boxed|fbox) +([^\s${}\\]+)")
 _THE_ANSWER_IS = re.compile(r"\banswer\s+is\b\s*(?=([^\n]{0,200}))", re.IGNORECASE)
 _ANSWER_COLON = re.compile(
     r"^[ \t>*_#-]*(?:final[ \t]+)?(?:answer|a)[ \t]*[*_]*[ \t]*:([^\n]*)",
@@ -353,16 +354,17 @@ def _read_whole(text: str) -> str | None:
 
 
 def _boxed_contents(text: str) -> list[str]:
-    r"""The contents of every closed ``\boxed{...}`` / ``\fbox{...}``, by opening position (``\{`` is not a brace)."""
-    contents = []
+    r"""The contents of every closed ``\boxed{...}`` / ``\fbox{...}`` (``\{`` is not a brace) and of every
+    ``\boxed 5`` (a token, as MATH sometimes writes it), by position."""
+    contents = [(bare.start(), bare[1]) for bare in _BOX_BARE.finditer(text)]
     for opening in _BOX_OPEN.finditer(text):
         depth = 1
         for brace in _BRACE.finditer(text, opening.end()):
             depth += 1 if brace.group() == "{" else -1
             if depth == 0:
-                contents.append(text[opening.end(): brace.start()])
+                contents.append((opening.start(), text[opening.end(): brace.start()]))
                 break
-    return contents
+    return [content for _, content in sorted(contents)]
 
 
 def read_answer(text: str) -> str | None:

@@ -306,10 +306,10 @@ def scpo_pairs(
 
     Reads no gold: only each sample's answer (canonical: equivalent answers
     are one) and vote count (the `vote` labeler's columns of `labels`, computed
-    over all k samples of a problem before filtering). A problem is kept if its top answer is unique
-    and has at least `config.min_vote_share` of the k votes. Chosen: a kept
-    sample with the top answer; rejected: a kept sample with the fewest votes
-    among the other answers (no answer counts 0 votes). Weight
+    over all k samples of a problem before filtering). A problem is kept if its
+    top answer is unique and has at least `config.min_vote_share` of the k
+    votes. Chosen: a kept sample with the top answer; rejected: a kept sample
+    with the fewest votes among the other answers (no answer counts 0 votes). Weight
     w = (V(chosen) - V(rejected)) / k. Up to `config.pairs_per_problem` least
     similar chosen x rejected pairs per problem.
 

@@ -63,6 +63,8 @@ def label(rows: list[tuple[str, str]], problems: pa.Table, verifier, **options) 
         (r"so $\boxed{\frac{\sqrt{3}}{2}}$.", r"\frac{\sqrt{3}}{2}", "boxed"),
         (r"\boxed{\dfrac{\sqrt{2^{x}}}{3}}", r"\dfrac{\sqrt{2^{x}}}{3}", "boxed"),  # braces three deep
         (r"\boxed{\boxed{5}}", "5", "boxed"),
+        (r"so $\boxed 5$ and then \boxed{\sqrt{2}}", r"\sqrt{2}", "boxed"),
+        (r"\boxed{\sqrt{2}}, or rather $\boxed 5$", "5", "boxed"),  # a box without braces, as MATH has a few
         (r"\boxed{3\sqrt{13}}", r"3\sqrt{13}", "boxed"),
         (r"\boxed{\sqrt{51}}", r"\sqrt{51}", "boxed"),
         (r"\boxed{-\frac{\pi}{6}}", r"-\frac{\pi}{6}", "boxed"),
