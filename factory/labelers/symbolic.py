@@ -269,8 +269,15 @@ class Verifier:
             for index in range(len(self._children)):
                 if queue and index not in busy:
                     op = queue.popleft()
-                    self._children[index].connection.send(ops[op])
+                    try:
+                        self._children[index].connection.send(ops[op])
+                    except OSError:  # it died between ops: a new one takes the op
+                        queue.appendleft(op)
+                        self._replace(index)
+                        continue
                     busy[index] = (op, time.monotonic() + self.timeout_s + self.grace_s)
+            if not busy:
+                continue
             now = time.monotonic()
             ready = wait([self._children[i].connection for i in busy],
                          timeout=max(0.0, min(deadline for _, deadline in busy.values()) - now))
@@ -288,10 +295,13 @@ class Verifier:
                     continue
                 results[op] = TIMEOUT
                 del busy[index]
-                child.kill()
-                self._children[index] = _Child(self.timeout_s)
-                self._children[index].wait_ready()
+                self._replace(index)
         return results
+
+    def _replace(self, index: int) -> None:
+        self._children[index].kill()
+        self._children[index] = _Child(self.timeout_s)
+        self._children[index].wait_ready()
 
     def pids(self) -> list[int]:
         """The child processes' ids (for tests and for seeing what runs)."""
