@@ -35,6 +35,7 @@ def cmd_problems(args) -> None:
 
     Example: factory problems arith --out data/problems.parquet
     Example: factory problems gsm8k:../shared/data/gsm8k/test.jsonl --out gsm8k_test.parquet
+    Example: factory problems jsonl:math500.jsonl --out math.parquet  (MATH's problem/solution/answer fields)
     """
     from factory.lineage import write_table
     from factory.params import as_dict, section

@@ -4,8 +4,10 @@ math-verify times its `parse` and `verify` with `signal.alarm`, which works only
 in the main thread of the main interpreter (Math-Verify issues #50, #55), and
 no signal stops C code that never returns to the interpreter. So:
 
-- `Verifier(workers=N)` (N >= 1, the default) keeps N child processes (spawned
-  on first use, so a numbers-only run never starts one). Each runs math-verify
+- `Verifier(workers=N)` (N >= 1, the default) keeps N child processes, fresh
+  interpreters started on first use (so a numbers-only run never starts one;
+  not multiprocessing's spawn, which would re-run a caller's unguarded main
+  script). Each runs math-verify
   in its own main thread, every op under our own alarm (`setitimer`,
   `timeout_s`; math-verify's own whole-second alarms are off, since a nested
   `signal.alarm` would cancel ours), and answers `TIMEOUT` when it rings. The
@@ -31,7 +33,7 @@ What math-verify 0.9 does with the edge cases (checked by tests/test_math_answer
 ``(1,2)`` is read as an open interval. It reads ``52_8`` as 52, dropping the
 base, so base numerals (``52_8``, ``4210_{5}``) are compared here instead: equal
 only to a numeral with the same base and value (``42`` and ``52`` do not match
-``52_8``).
+``52_8``). It reads ``0.\\overline{3}`` as 0, so a repeating decimal is judged wrong.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ _CHILD_CODE = "import sys; from factory.labelers.symbolic import _serve; _serve(
 
 
 class _Child:
-    """A fresh interpreter (not multiprocessing's spawn, which re-runs the caller's unguarded main script)."""
+    """A worker: a fresh interpreter running `_serve`, talking over a socket pair."""
 
     def __init__(self, timeout_s: float):
         ours, theirs = socket.socketpair()
