@@ -263,6 +263,26 @@ def test_math_records_without_a_box_or_with_a_question_field(tmp_path):
     assert [d["filter"] for d in dropped] == ["answer"] and "no \\boxed{} answer" in dropped[0]["reason"]
 
 
+def test_math_as_released_a_folder_of_json_files_and_a_json_array(tmp_path):
+    records = [json.loads(line) for line in MATH.read_text(encoding="utf-8").splitlines()]
+    folder = tmp_path / "MATH" / "test"
+    for index, record in enumerate(records):
+        kind = folder / record["type"].lower().replace(" ", "_")
+        kind.mkdir(parents=True, exist_ok=True)
+        (kind / f"{index:03d}.json").write_text(json.dumps(record, indent=4), encoding="utf-8")
+    (folder / "prealgebra" / "999.json").write_text(json.dumps(records[0]), encoding="utf-8")  # a repeat
+    problems, dropped = load_jsonl(str(folder), split="test")
+    by_question = {p["question"]: p["gold_answer"] for p in problems}
+    assert len(problems) == len(records) and {p["source"] for p in problems} == {"jsonl:test"}
+    assert [by_question[r["problem"]] for r in records] == EXPECTED_GOLDS
+    assert [d["filter"] for d in dropped] == ["duplicate"]
+    assert dropped[0]["reason"].startswith("test prealgebra/999.json: duplicate of prealgebra/000.json")
+    array = tmp_path / "math.json"
+    array.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    problems, dropped = load_jsonl(str(array))
+    assert dropped == [] and [p["gold_answer"] for p in problems] == EXPECTED_GOLDS
+
+
 def test_math_dataset_folder_loads_like_the_file(monkeypatch, tmp_path):
     import datasets
 

@@ -277,6 +277,40 @@ def _jsonl_records(path: Path, split: str) -> Iterator[tuple[str, Any, str]]:
             yield f"line {lineno}", record, split
 
 
+def _read_json(path: Path) -> list | None:
+    """The records of a JSON file (an array of them, or one); None if it holds one object per line instead."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ProblemSourceError(f"{path}: not UTF-8 ({error.reason})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # JSON lines in a .json file
+            return None
+        raise ProblemSourceError(
+            f"{path}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    return data if isinstance(data, list) else [data]
+
+
+def _json_records(path: Path, split: str) -> Iterator[tuple[str, Any, str]]:
+    """Records of a `.json` file, or of every `.json` file under a folder (MATH as released: a problem per
+    file), named by their file relative to the folder."""
+    files = sorted(file for file in path.rglob("*.json") if file.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ProblemSourceError(f"{path}: no .json files in this folder")
+    for file in files:
+        name = f"{file.relative_to(path)} " if path.is_dir() else ""
+        records = _read_json(file)
+        if records is None:
+            yield from ((name + where, record, split) for where, record, _ in _jsonl_records(file, split))
+        elif len(records) == 1 and name:
+            yield name.strip(), records[0], split
+        else:
+            yield from ((f"{name}record {index}", record, split) for index, record in enumerate(records, 1))
+
+
 def _load_jsonl_file(
     path: str | os.PathLike,
     *,
@@ -287,8 +321,9 @@ def _load_jsonl_file(
     id_field: str | None,
 ) -> tuple[list[dict], list[dict]]:
     path = Path(path)
+    json_records = path.is_dir() or path.suffix == ".json"
     return _map_records(
-        _jsonl_records(path, split),
+        (_json_records if json_records else _jsonl_records)(path, split),
         origin=str(path),
         label=path.name,
         source=source,
@@ -308,7 +343,10 @@ def load_jsonl(
 ) -> tuple[list[dict], list[dict]]:
     """Problems from a JSON-lines file: one object per line, blank lines skipped.
 
-    `split` labels every row (default 'train'); source is ``jsonl:<file name>``.
+    Also a ``.json`` file (an array of objects, or one object) and a folder of
+    them, read recursively in name order: MATH as released (``MATH/test``, a
+    problem per file; drop reasons name the file). `split` labels every row
+    (default 'train'); source is ``jsonl:<file or folder name>``.
     """
     path = Path(path)
     return _load_jsonl_file(
