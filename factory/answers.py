@@ -11,9 +11,11 @@ Extraction rules, first match wins (`Extraction.source` names the rule):
 
 1. ``hashes``        the last ``#### ...`` marker (GSM8K) that carries an answer
 2. ``boxed``         the last non-empty ``\boxed{...}`` (or ``\fbox{...}``), braces nested to any depth
+                     (also ``\boxed 5``, a token without braces)
 3. ``the_answer_is`` the last ``the (final) answer is ...`` (case-insensitive)
 4. ``answer_colon``  the last ``Answer: ...`` / ``Final answer: ...`` / ``A: ...`` at a line start
-5. ``whole``         the whole text, when it is one line of math and not a plain number (``3+2x``)
+5. ``whole``         the whole text, when it is one line of math, not a plain number and not
+                     letters alone (``3+2x``, ``2^{1/2}``; not ``T``, a cut-off sample)
 6. ``last_number``   the last number in the text
 
 How a span is read (the content of a box, the rest of a marker's sentence):
@@ -54,7 +56,7 @@ Decisions worth knowing:
 - Numbers longer than 100 characters are not read (no real answer is that
   long, and Python refuses to convert integers of more than 4,300 digits);
   symbolic answers longer than 1,000 characters are not read either.
-- Comparison (`answer_status`): two numbers compare exactly, within a relative
+- Comparison (`answer_status`): two plain numbers compare as fractions, within a relative
   tolerance of 1e-6 (``'1/3'`` matches a gold ``'0.333333'``, ``'0.33'`` does
   not); anything else is judged by math-verify (`factory.labelers.symbolic`),
   which may also say ``timeout``.
