@@ -114,6 +114,7 @@ _NUMBER = re.compile(
 # LaTeX that wraps numbers: \frac{a}{b}, \text{..}, thin spaces, escaped $ and %.
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_MIXED_FRAC = re.compile(r"(?<=\d)(?=\\[dt]?frac\b)")  # 1\frac{1}{2} is 1 1/2, a mixed number, not 11/2
 _LATEX_DROP = re.compile(r"\\[,!;: ]|\\left|\\right|\{,\}")
 _LATEX_ESCAPED = re.compile(r"\\([$%])")
 
@@ -140,7 +141,7 @@ def _clean_latex(text: str) -> str:
     if "\\" not in text and "{" not in text:
         return text
     text = _LATEX_TEXT.sub(r"\1 ", text)
-    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    text = _LATEX_FRAC.sub(r"\1/\2", _MIXED_FRAC.sub(" ", text))
     text = _LATEX_DROP.sub("", text)
     return _LATEX_ESCAPED.sub(r"\1", text)
 
@@ -287,9 +288,16 @@ def number_value(text: str, *, lhs: bool = False) -> Fraction | None:
             return None
     text = text.strip()
     match = _NUMBER.match(text)
-    if match is None or not _UNIT_TAIL.match(text, match.end()):
-        return None
+    if match is None or not _UNIT_TAIL.match(text, match.end()) or (match["whole"] and not _proper(match)):
+        return None  # 2 3/2 is not a mixed number: 2 times 3/2? math-verify decides
     return _value(match)
+
+
+def _proper(match: re.Match) -> bool:
+    try:
+        return Fraction(match["num"].replace(",", "")) < Fraction(match["den"].replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return False
 
 
 def looks_like_math(text: str) -> bool:

@@ -119,6 +119,8 @@ def test_extraction_of_math_answers(text, answer, source):
         (r"\text{Evelyn}", r"\text{Evelyn}"),
         ("Evelyn", "Evelyn"),
         (r"so \boxed{x = 5}.", "5"),
+        (r"1\frac{1}{2}", "1.5"),  # a mixed number (this was read as 11/2)
+        (r"2\frac{3}{2}", r"2\frac{3}{2}"),  # not a mixed number: math-verify reads it
         ("  ", None),
     ],
 )
