@@ -21,8 +21,8 @@ Extraction rules, first match wins (`Extraction.source` names the rule):
 How a span is read (the content of a box, the rest of a marker's sentence):
 
 - A plain number is a number with at most a currency sign before it and a
-  percent sign, degrees (``30^\circ``) or unit words (``18 apples``, ``5 cm^2``)
-  after it. Inside a box, a math environment or a whole-text answer it may
+  percent sign, degrees (``30^\circ``) or unit words (``18 apples``, ``5 cm^2``;
+  not one letter: ``5 x`` is math) after it. Inside a box, a math environment or a whole-text answer it may
   follow ``lhs =`` where lhs is a variable (``x``, ``a_1``, ``f(2)``) or
   arithmetic (``3 + 2 = 5``), as GSM8K-style boxes write it.
 - A box holds whatever it holds: not a plain number, its content is the
@@ -247,10 +247,12 @@ def normalize_answer(text: str | None) -> str | None:
 
 # --- reading an answer span ------------------------------------------------------------
 
-# After a plain number: percent or degrees, unit words ("18 apples", "5 cm^2"), a full stop.
+# After a plain number: percent or degrees, unit words ("18 apples", "5 cm^2"; one letter is a variable: 5 x), a stop.
 _UNIT_TAIL = re.compile(
-    r"\s*(?:%|\^\s*\{?\s*\\circ\s*\}?|\\circ|\u00b0|\\degree)?(?:\s+[A-Za-z]+(?:\^\{?[23]\}?)?)*\s*\.?\s*\Z"
+    r"\s*(?:%|\^\s*\{?\s*\\circ\s*\}?|\\circ|\u00b0|\\degree)?(?:\s+[A-Za-z]{2,}(?:\^\{?[23]\}?)?)*\s*\.?\s*\Z"
 )
+# A number and words after it, any letters (a marker's "#### 5 m", a cut-off "7 t"): prose, not math.
+_WORDS_TAIL = re.compile(r"(?:\s+[A-Za-z]+)+\s*\.?\s*\Z")
 # What may stand before `=` in front of a plain number: a variable (x, a_1, f(2)) or arithmetic (3 + 2).
 _VARIABLE = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?'*(?:\([^()=]*\))?\s*")
 _ARITHMETIC = re.compile(r"[\d\s.,+\-*/()\u00d7\u00f7]+")
@@ -302,7 +304,8 @@ def _proper(match: re.Match) -> bool:
 
 def looks_like_math(text: str) -> bool:
     r"""Is this span math rather than prose: some LaTeX, a variable, ``^``, ``_`` or a bracket with a comma,
-    and no English word (words inside ``\text{}`` do not count)? A ``$`` (currency) says no.
+    and no English word (words inside ``\text{}`` do not count)? A ``$`` (currency) says no, and so does
+    a number followed by words, even of one letter (``5 m``, a cut-off ``7 t``).
 
     >>> looks_like_math("6 - 5i"), looks_like_math("(3,4]"), looks_like_math(r"\text{Evelyn}")
     (True, True, True)
@@ -311,7 +314,7 @@ def looks_like_math(text: str) -> bool:
     """
     if not text or len(text) > MAX_ANSWER_CHARS or "$" in text:
         return False
-    if _WORD.search(_COMMAND.sub(" ", _WORD_GROUP.sub(" ", text))):
+    if _WORD.search(_COMMAND.sub(" ", _WORD_GROUP.sub(" ", text))) or _number_then_words(text):
         return False
     return _MATH_SIGNAL.search(text) is not None
 
@@ -348,6 +351,12 @@ def _read_marker(rest: str) -> Fraction | str | None:
         if value is None and looks_like_math(span):
             value = _read_math(span)
     return value if value is not None else _leading_number(rest)
+
+
+def _number_then_words(text: str) -> bool:
+    text = _clean_latex(text).strip()
+    match = _NUMBER.match(text)
+    return match is not None and _WORDS_TAIL.match(text, match.end()) is not None
 
 
 def _read_whole(text: str) -> str | None:

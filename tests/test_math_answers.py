@@ -78,6 +78,8 @@ def label(rows: list[tuple[str, str]], problems: pa.Table, verifier, **options) 
         (r"\boxed{7\pi}", r"7\pi", "boxed"),
         (r"\boxed{x^2 + y^2 = 25}", "x^2 + y^2 = 25", "boxed"),  # an equation is not its right side
         (r"\boxed{x = 1, y = 2}", "x = 1, y = 2", "boxed"),
+        (r"\boxed{5 x}", "5 x", "boxed"),  # one letter after a number is a variable in a box, not a unit
+        (r"\boxed{4 a^2}", "4 a^2", "boxed"),
         # plain numbers inside a box, as before: after `lhs =`, with units, degrees, percent, dollars
         (r"\boxed{x = 5}", "5", "boxed"),
         (r"\boxed{30^\circ}", "30", "boxed"),
@@ -99,6 +101,9 @@ def label(rows: list[tuple[str, str]], problems: pa.Table, verifier, **options) 
         # GSM8K-style text reads as it always did
         ("The answer is 8 apples because 5+3=8", "8", "the_answer_is"),
         ("#### 18 - 2 = 16", "18", "hashes"),
+        ("#### 5 m", "5", "hashes"),
+        ("she had 7 t", "7", "last_number"),
+        ("7 t", "7", "last_number"),  # a cut-off word, not 7t
         ("The answer is $5 + $3 = $8", "5", "the_answer_is"),
         ("T", None, None),  # a cut-off sample's one letter is no answer
     ],
