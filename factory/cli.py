@@ -31,38 +31,73 @@ def _params(args) -> dict:
 
 
 def cmd_problems(args) -> None:
-    """Write a problems table from a source.
+    """Write a problems table from one or more sources, carving the flywheel's splits out of theirs.
 
     Example: factory problems arith --out data/problems.parquet
     Example: factory problems gsm8k:../shared/data/gsm8k/test.jsonl --out gsm8k_test.parquet
     Example: factory problems jsonl:math500.jsonl --out math.parquet  (MATH's problem/solution/answer fields)
+    Example: factory problems gsm8k:train.jsonl gsm8k:test.jsonl --carve train:dev=200 --carve train:answers=4000 --out data/problems.parquet
     """
     from factory.lineage import write_table
     from factory.params import as_dict, section
     from factory.problems import load_source, source_inputs
     from factory.problems.arith import ArithConfig
     from factory.problems.files import dropped_path as default_dropped_path
+    from factory.problems.splits import carve_splits, parse_carve
     from factory.schema import from_rows
 
+    carves = [parse_carve(text) for text in args.carve]  # a misspelt carve fails before any loading
     arith = None
-    record: dict = {"source": args.source, "split": args.split}
-    if args.source == "arith":
+    record: dict = {"source": args.source if len(args.source) > 1 else args.source[0], "split": args.split}
+    if carves:
+        record |= {"carve": [f"{c.source}:{c.target}={c.count}" for c in carves], "carve_seed": args.carve_seed}
+    if "arith" in args.source:
         params = _params(args)
         arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
         record["arith"] = as_dict(arith)
-    problems, dropped = load_source(args.source, split=args.split, arith_config=arith)
+    problems, dropped, inputs = [], [], {}
+    for index, spec in enumerate(args.source):
+        loaded, lost = load_source(spec, split=args.split, arith_config=arith)
+        problems += loaded
+        dropped += lost
+        for name, path in source_inputs(spec).items():
+            inputs[name if len(args.source) == 1 else f"{name}_{index}"] = path
+    problems, repeated = _first_of_each_problem(problems, args.source)
+    dropped += repeated
+    problems = carve_splits(problems, carves, seed=args.carve_seed)
     out = Path(args.out)
-    inputs = source_inputs(args.source)
-    write_table(from_rows(problems, "problems", source=args.source), out, kind="problems",
+    label = " ".join(args.source)
+    write_table(from_rows(problems, "problems", source=label), out, kind="problems",
                 stage="problems", params=record, inputs=inputs)
     dropped_path = Path(args.dropped) if args.dropped else default_dropped_path(out)
-    write_table(from_rows(dropped, "dropped", source=args.source), dropped_path, kind="dropped",
+    write_table(from_rows(dropped, "dropped", source=label), dropped_path, kind="dropped",
                 stage="problems", params=record, inputs=inputs)
     counts: dict[str, int] = {}
     for p in problems:
         counts[p["split"]] = counts.get(p["split"], 0) + 1
     print(f"{out}: {len(problems)} problems ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
           f"{len(dropped)} dropped -> {dropped_path}")
+
+
+def _first_of_each_problem(problems: list[dict], sources: list[str]) -> tuple[list[dict], list[dict]]:
+    """Across several sources a problem_id seen before (the same question twice) drops the later row, with why."""
+    import json
+
+    if len(sources) == 1:  # each loader already drops its own repeats
+        return problems, []
+    first: dict[str, dict] = {}
+    kept, dropped = [], []
+    for problem in problems:
+        earlier = first.setdefault(problem["problem_id"], problem)
+        if earlier is problem:
+            kept.append(problem)
+            continue
+        dropped.append({"row_id": problem["problem_id"], "table": "problems", "stage": "problems",
+                        "filter": "duplicate",
+                        "reason": f"{problem['source']} split {problem['split']!r}: the same problem as in "
+                                  f"{earlier['source']} split {earlier['split']!r}",
+                        "row": json.dumps(problem, ensure_ascii=False, default=str)})
+    return kept, dropped
 
 
 def base_source(base_model: str) -> str | None:
@@ -553,10 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("problems", cmd_problems, "write a problems table from a source")
-    p.add_argument("source", help="arith | gsm8k:PATH_OR_HUB_ID | jsonl:PATH | hf:NAME_OR_DIR")
+    p.add_argument("source", nargs="+", help="arith | gsm8k:PATH_OR_HUB_ID | jsonl:PATH | hf:NAME_OR_DIR (several: "
+                   "their problems in one table)")
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--split", help="keep only this split (file sources: the split name to record)")
     p.add_argument("--dropped", help="where dropped rows go (default: OUT with .dropped.parquet)")
+    p.add_argument("--carve", action="append", default=[], metavar="FROM:TO=N",
+                   help="move N problems of split FROM to split TO (repeatable; `answers` keeps no rationale, "
+                        "`unlabeled` no gold), e.g. train:dev=200")
+    p.add_argument("--carve-seed", type=int, default=0, help="seed of the order in which carved problems are taken")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (arith reads its `problems.arith`)")
 
     p = command("base", cmd_base, "save the base model (tiny from scratch, or a Hub id / local folder / GGUF file)")

@@ -49,3 +49,27 @@ def test_asking_for_more_problems_than_a_split_has_names_the_split():
         carve_splits(_problems(6), [Carve("train", "dev", 2), Carve("train", "answers", 5)])
     with pytest.raises(CarveError, match=r"split 'validation' has 0 problems \(splits: train\)"):
         carve_splits(_problems(2), [Carve("validation", "dev", 1)])
+
+
+def test_factory_problems_joins_sources_carves_splits_and_keeps_repeats_with_their_reason(tmp_path):
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from factory.cli import main
+
+    fixtures = Path(__file__).parent / "fixtures"
+    out = tmp_path / "problems.parquet"
+    sources = [f"gsm8k:{fixtures / 'gsm8k_sample.jsonl'}", f"jsonl:{fixtures / 'math_sample.jsonl'}",
+               f"gsm8k:{fixtures / 'gsm8k_sample.jsonl'}"]
+    assert main(["problems", *sources, "--split", "train", "--carve", "train:dev=3", "--carve", "train:answers=4",
+                 "--out", str(out)]) == 0
+    problems = pq.read_table(out).to_pylist()
+    dropped = pq.read_table(tmp_path / "problems.dropped.parquet").to_pylist()
+    gsm8k = sum(1 for line in (fixtures / "gsm8k_sample.jsonl").read_text().splitlines() if line.strip())
+    assert [row["filter"] for row in dropped] == ["duplicate"] * gsm8k  # the second copy, each with its reason
+    assert "the same problem as in gsm8k:gsm8k_sample.jsonl" in dropped[0]["reason"]
+    splits = [p["split"] for p in problems]
+    assert splits.count("dev") == 3 and splits.count("answers") == 4
+    assert {p["source"] for p in problems} == {"gsm8k:gsm8k_sample.jsonl", "jsonl:math_sample.jsonl"}
+    assert main(["problems", sources[0], "--carve", "test:dev=1", "--out", str(out)]) == 2
