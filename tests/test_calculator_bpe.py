@@ -108,7 +108,7 @@ def decode_script(tokenizer, script: list[int], prompt: str = "Q: x\n", max_new_
 
 
 def with_room(tokenizer, written: list[int], owed: str, tail: list[int]) -> list[int]:
-    """A script: `written`, then as many filler ids as the calculator forces for `owed` (they are replaced), then `tail`."""
+    """A script: `written`, then one filler id per id the calculator forces for `owed` (replaced), then `tail`."""
     filler = tokenizer.encode("9", add_special_tokens=False)
     return written + filler * len(forced_ids(tokenizer, owed)) + tail
 

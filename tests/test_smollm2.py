@@ -21,13 +21,12 @@ import os
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from factory.cli import main
-from factory.lineage import model_id, read_model_lineage, read_provenance, read_table, write_table
+from factory.lineage import model_id, read_model_lineage, read_provenance, read_table
 from factory.modeling import end_of_turn, end_of_turn_id, format_completion, trainer_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -331,7 +330,8 @@ def run(gguf_file, tmp_path_factory):
                 "--votes", iteration / "votes.parquet")
         recorder.stage = "filter"
         factory("filter", iteration / "samples.parquet", "--labels", iteration / "labels.parquet",
-                "--out", iteration / "kept.parquet", "--dropped", iteration / "dropped.parquet", "--params", p["params"])
+                "--out", iteration / "kept.parquet", "--dropped", iteration / "dropped.parquet",
+                "--params", p["params"])
         steps, pairs = {}, {}
         for recipe in STEP_RECIPES:  # dpo_st's (empty) steps and pairs are the iteration's own; the rest aside
             folder = iteration / "steps" if recipe == "dpo_st" else root / "recipes" / recipe / "steps"
