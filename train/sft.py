@@ -5,7 +5,8 @@
 
 `build_base` makes the base model: with `base_model: tiny`, a tokenizer and a
 small Llama built from scratch on the task's own text; otherwise a Hub id or
-local folder, saved as it is. `train_sft` fine-tunes a model on (question,
+local folder, saved as it is, or a GGUF file, dequantized and saved as an
+ordinary HF folder with its tokenizer and chat template. `train_sft` fine-tunes a model on (question,
 rationale) examples with TRL's SFTTrainer (prompt-completion format). The
 warm-up trains the base on the `train` split's gold rationales; DPO-ST's
 self-training step (`train/iteration.py`) trains the base again on gold plus
@@ -53,7 +54,7 @@ class SFTRunConfig:
 class WarmupConfig(SFTRunConfig):
     """params.yaml `warmup`: epochs with early stopping on dev accuracy."""
 
-    base_model: str = TINY  # "tiny", a Hub id or a local model folder
+    base_model: str = TINY  # "tiny", a Hub id, a local model folder or a GGUF file (saved as an HF folder)
     max_epochs: int = 20
     patience: int = 2  # dev evaluations without improvement before stopping
     min_epochs: int = 1  # never stop before this: from-scratch models sit near 0% for several epochs
