@@ -12,14 +12,12 @@ The forced text goes in as ids that decode to exactly that text after what the r
 (`forced_ids`), checked on a tokenizer that marks word starts (SentencePiece's `▁`) as well.
 """
 
-from types import SimpleNamespace
-
 import pytest
-import torch
 
 from factory.generators import vllm_backend
 from factory.generators.decoding import DecodingConfig, _watched_tokens, calculator_completion, forced_ids, generate
 from factory.generators.vllm_backend import Segment
+from test_decoding import ScriptedLM
 
 EOS = "</s>"
 
@@ -78,27 +76,7 @@ def ids_of(tokenizer, *parts: str) -> list[int]:
     return ids
 
 
-class IdScriptLM(torch.nn.Module):
-    """A stand-in LM whose row i writes the ids scripts[i] one a step, then EOS, whatever it is fed."""
-
-    def __init__(self, tokenizer, scripts: list[list[int]]):
-        super().__init__()
-        self.scripts = [s + [tokenizer.eos_token_id] for s in scripts]
-        self.vocab, self.step = len(tokenizer), 0
-        self.generation_config = None
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def forward(self, input_ids, **kwargs):
-        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
-        for row in range(input_ids.shape[0]):
-            script = self.scripts[row]
-            logits[row, 0, script[min(self.step, len(script) - 1)]] = 10.0
-        self.step += 1
-        return SimpleNamespace(logits=logits)
+IdScriptLM = ScriptedLM  # fed token ids: merged tokens are spelled exactly as the test means them
 
 
 def decode_script(tokenizer, script: list[int], prompt: str = "Q: x\n", max_new_tokens: int = 40):

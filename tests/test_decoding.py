@@ -11,11 +11,12 @@ from factory.modeling import format_prompt
 
 
 class ScriptedLM(torch.nn.Module):
-    """A stand-in LM whose row i writes scripts[i] token by token, whatever it is fed."""
+    """A stand-in LM whose row i writes scripts[i] (a text, or token ids) token by token, then EOS, whatever it is fed."""
 
     def __init__(self, tokenizer, scripts):
         super().__init__()
-        self.scripts = [tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in scripts]
+        self.scripts = [(s if isinstance(s, list) else tokenizer.encode(s, add_special_tokens=False))
+                        + [tokenizer.eos_token_id] for s in scripts]
         self.vocab = len(tokenizer)
         self.step = 0
         self.generation_config = None
