@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,12 +23,58 @@ class InputError(ValueError):
     """A user-supplied file cannot be read; the message names the file, line and field."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine's PID namespace); a process of another user counts."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove the entries `<prefix><PID>` in `folder` whose PID is no longer alive (a killed writer's leftovers);
+    a live process's, and names whose tail is not a PID, are left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        tail = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+        if not tail.isdigit() or pid_alive(int(tail)):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # another run cleaned it first
+            continue
+        removed.append(entry)
+    return removed
+
+
+def tmp_prefix(path: Path) -> str:
+    """The name of `path`'s temporary siblings, up to the writer's PID (see `atomic_path`)."""
+    return f".{path.name}.tmp-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    The temporary name carries the writer's PID (`.NAME.tmp-PID`); those of writers that are no
+    longer alive (killed mid-write) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale(path.parent, tmp_prefix(path))
+    tmp = path.with_name(f"{tmp_prefix(path)}{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
