@@ -1,17 +1,30 @@
 """Long jobs in checkpointed shards: a crash loses at most one shard, and resuming adds no duplicates.
 
 Work items are cut into fixed shards; each finished shard is written atomically
-as `shard-NNNNN.parquet` under a shard folder that also holds the job's
-fingerprint. A restarted job with the same fingerprint reads the finished
-shards back and computes only the rest; a different fingerprint (other params,
-other model) starts clean. Because shards are fixed and every row depends only
-on its own request, the resumed result is identical to an uninterrupted one.
+as `shard-NNNNN.parquet` in the job's own folder, `job-<key>/` under the
+output's shard folder (`shard_dir_for`), where `<key>` is derived from the
+job's fingerprint (its output-relevant params and model). A restarted job with
+the same fingerprint reads the finished shards back and computes only the
+rest; a job with another fingerprint (other params, other model) writing the
+same output has another folder, so two jobs never mix their shards, even when
+they run at once. Because shards are fixed and every row depends only on its
+own request, the resumed result is identical to an uninterrupted one.
+
+Two runs of one job (same fingerprint) take turns: the job folder is locked
+(fcntl.flock on `job-<key>/lock`) while a run computes or reads its shards and
+while `clear_shards` removes them, so the second run waits (saying so in one
+line) and then resumes from the first's shards, or starts afresh if the first
+already finished and removed them.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -19,25 +32,89 @@ from typing import TypeVar
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from factory.io import atomic_path, write_text
+from factory.io import atomic_path, remove_stale, tmp_prefix, write_text
 from factory.schema import from_rows
 
 T = TypeVar("T")
 _MANIFEST = "manifest.json"
+_LOCK = "lock"
+_SUFFIX = ".shards"
+# Job folders this process holds the lock of: folder -> open lock file (released by clear_shards or at exit).
+_held: dict[Path, int] = {}
 
 
 def shard_dir_for(out: str | Path) -> Path:
-    """Where the shards of output `out` are kept while the job runs (`.NAME.shards` beside it)."""
+    """Where the shards of output `out` are kept while jobs run (`.NAME.shards` beside it, a folder per job)."""
     out = Path(out)
-    return out.with_name(f".{out.name}.shards")
+    return out.with_name(f".{out.name}{_SUFFIX}")
 
 
-def _prepare(shard_dir: Path, fingerprint: str) -> None:
-    manifest = shard_dir / _MANIFEST
+def job_dir(shard_dir: Path, fingerprint: str) -> Path:
+    """The folder of the job with `fingerprint` under `shard_dir`."""
+    return Path(shard_dir) / f"job-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+
+
+def _output_of(shard_dir: Path) -> str:
+    """The output a shard folder belongs to (for messages): `.NAME.shards` -> NAME beside it."""
+    name = shard_dir.name
+    if name.startswith(".") and name.endswith(_SUFFIX):
+        return str(shard_dir.with_name(name[1:-len(_SUFFIX)]))
+    return str(shard_dir)
+
+
+def _lock(folder: Path, shard_dir: Path, *, wait: bool = True) -> int | None:
+    """Lock job folder `folder` for this process (created if missing); the open lock file's descriptor.
+
+    Waits for another process's run of the same job, saying so once; without `wait`, returns None
+    instead. A lock file removed by the holder while this one waited is not a lock: then it retries.
+    """
+    if folder in _held:
+        return _held[folder]
+    told = False
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its holder removed the folder just now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            if not told:
+                print(f"waiting for another run writing {_output_of(shard_dir)} with the same params "
+                      f"(it holds {folder / _LOCK})", file=sys.stderr, flush=True)
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(folder / _LOCK)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            _held[folder] = fd
+            return fd
+        os.close(fd)  # the holder removed the folder while we waited: lock the new one
+
+
+def _unlock(folder: Path) -> None:
+    fd = _held.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _prepare(folder: Path, fingerprint: str) -> None:
+    manifest = folder / _MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fingerprint:
-        shutil.rmtree(shard_dir)  # shards of another job: never mix them in
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in shard_dir.glob(".*tmp-*"):  # a shard being written when the job was killed
+        for stale in folder.iterdir():  # another job's shards (a key collision): never mix them in
+            if stale.name != _LOCK:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for leftover in folder.glob(".*tmp-*"):  # a shard being written when a run of this job was killed
         leftover.unlink()
     write_text(manifest, json.dumps({"fingerprint": fingerprint}) + "\n")
 
@@ -52,15 +129,22 @@ def run_in_shards(
     kind: str,
     desc: str = "shards",
 ) -> list[dict]:
-    """Rows of `work` over `items`, shard by shard, resuming from finished shards in `shard_dir`."""
+    """Rows of `work` over `items`, shard by shard, resuming from finished shards of this job in `shard_dir`.
+
+    The job's folder stays locked by this process until `clear_shards(shard_dir)` (or the process ends),
+    so no other run of the job writes or removes its shards meanwhile.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    _prepare(shard_dir, fingerprint)
+    shard_dir = Path(shard_dir).absolute()
+    folder = job_dir(shard_dir, fingerprint)
+    _lock(folder, shard_dir)
+    _prepare(folder, fingerprint)
     starts = range(0, len(items), shard_size)
     rows: list[dict] = []
     resumed = 0
     for index, start in enumerate(tqdm(starts, desc=desc, unit="shard")):
-        path = shard_dir / f"shard-{index:05d}.parquet"
+        path = folder / f"shard-{index:05d}.parquet"
         if path.exists():
             rows.extend(pq.read_table(path).to_pylist())
             resumed += 1
@@ -70,11 +154,29 @@ def run_in_shards(
             pq.write_table(table, tmp)
         rows.extend(table.to_pylist())  # the same rows a resumed run reads back
     if resumed:
-        print(f"{desc}: resumed {resumed} of {len(starts)} shards from {shard_dir}", flush=True)
+        print(f"{desc}: resumed {resumed} of {len(starts)} shards from {folder}", flush=True)
     return rows
 
 
 def clear_shards(shard_dir: Path) -> None:
-    """Remove a finished job's shards once its output is safely written."""
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
+    """Remove a finished job's shards once its output is safely written, and release its lock.
+
+    The jobs of `shard_dir` this process ran are removed; so are other jobs' folders that no live run
+    holds (a killed run with other params: the output they were for has just been replaced). A folder
+    another run holds is left alone, and `shard_dir` goes once it is empty.
+    """
+    shard_dir = Path(shard_dir).absolute()
+    for folder in [f for f in _held if f.parent == shard_dir]:
+        shutil.rmtree(folder, ignore_errors=True)
+        _unlock(folder)  # a run waiting on the lock then finds its lock file gone and starts the job afresh
+    if not shard_dir.is_dir():
+        return
+    for folder in sorted(shard_dir.glob("job-*")):
+        if folder.is_dir() and _lock(folder, shard_dir, wait=False) is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            _unlock(folder)
+    remove_stale(shard_dir.parent, tmp_prefix(shard_dir))
+    try:
+        shard_dir.rmdir()
+    except OSError:  # another job's folder is still there (its run is live), or it is gone already
+        pass

@@ -51,11 +51,11 @@ def test_killed_and_resumed_run_writes_the_same_bytes(workspace):
     process = subprocess.Popen(sample_command(workspace, resumed), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(shards.glob("shard-00002.parquet")) and time.monotonic() < deadline:
+    while not list(shards.glob("job-*/shard-00002.parquet")) and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished = sorted(p.name for p in shards.glob("shard-*.parquet"))
+    finished = sorted(p.name for p in shards.glob("job-*/shard-*.parquet"))
     assert not resumed.exists(), "the run finished before it could be killed"
     assert 3 <= len(finished) < 10
 
