@@ -740,6 +740,7 @@ def _lineage_section(splits: list[Split], models: dict[str, dict], lineage: dict
     if used:
         lines += ["", "The models, each with its ancestry (← parent):", ""]
         lines += [f"- {_chain(m, models)}" for m in used]
+    lines += _versions_lines(splits)
     lines += ["", "### Reproduce", "", "```bash", lineage["regenerate"], "```", "",
               "`dvc repro` writes dvc.lock with the md5 of every file it makes: compare them with the table above "
               "(other hardware or library versions may change the bytes)."]
@@ -754,6 +755,22 @@ def _lineage_section(splits: list[Split], models: dict[str, dict], lineage: dict
     lines += ["", "### Decontamination", "",
               decontamination.get("summary") or "\n".join(f"- {k}: {v}" for k, v in decontamination.items()), ""]
     return lines
+
+
+def _versions_lines(splits: list[Split]) -> list[str]:
+    """The library versions that wrote the source files (factory.lineage.library_versions), one line per set."""
+    groups: dict[str, list[str]] = {}
+    for split in splits:
+        versions = (split.source.provenance or {}).get("versions")
+        if versions:
+            text = ", ".join(f"{name} {version or '—'}" for name, version in versions.items())
+            groups.setdefault(text, []).append(f"{split.config}/{split.name}")
+    if not groups:
+        return []
+    if len(groups) == 1:
+        return ["", f"Library versions that wrote the source files: {next(iter(groups))}."]
+    return ["", "Library versions that wrote the source files:", ""] + [
+        f"- {_and(names)}: {text}" for text, names in groups.items()]
 
 
 def _md5_cell(record: dict | None) -> str:

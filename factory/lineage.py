@@ -2,11 +2,17 @@
 
 A Parquet file carries one key-value entry, `factory`, holding JSON with the
 producing stage, its params, the fingerprints of its inputs, the model that
-generated its rows (if any) and the code version. A model directory carries
-`lineage.json`: its model_id (a hash of its weights), parent model, training
-data fingerprints, params and metrics. Nothing time-dependent is recorded, so
-the same params and seed give the same bytes and DVC's cache hits. DVC's own
-record of each output (`dvc.lock`: stage, command, md5) is read here too.
+generated its rows (if any), the code version and the library versions. A model
+directory carries `lineage.json`: its model_id (a hash of its weights), parent
+model, training data fingerprints, params, metrics, code and library versions.
+Nothing time-dependent is recorded, so the same params and seed give the same
+bytes and DVC's cache hits. DVC's own record of each output (`dvc.lock`: stage,
+command, md5) is read here too.
+
+The code version hashes only the factory/train modules loaded when the output is
+written (the code the stage ran), so an edit to a module a stage never imports
+leaves its outputs' bytes alone. The library versions explain a difference
+between two runs of the same code (issue 21); none of this enters an id.
 
 pyarrow is imported only by the functions that write or read tables, so the
 fast commands (audit, lineage) read provenance through DuckDB without it.
@@ -16,7 +22,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
+import platform
+import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -34,14 +43,52 @@ MODEL_LINEAGE_FILE = "lineage.json"
 _MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-@functools.cache
+_CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "train")
+# The libraries whose versions shape the bytes of a table or model (besides python and factory itself).
+VERSIONED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "tokenizers", "duckdb", "pyarrow", "numpy")
+
+
+def loaded_sources() -> list[Path]:
+    """The source files of the factory and train modules this process has imported, sorted by path."""
+    files = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file or not file.endswith(".py"):
+            continue
+        path = Path(file).resolve()
+        if any(path.is_relative_to(root) for root in _CODE_ROOTS):
+            files.add(path)
+    return sorted(files, key=lambda path: path.relative_to(_CODE_ROOTS[0].parent).as_posix())
+
+
 def code_version() -> str:
-    """Package version plus a hash of the package sources (stable across machines)."""
+    """Package version plus a hash of the code that ran: the factory/train modules loaded now.
+
+    Each file counts by its path relative to the project root and its bytes, so the value is the same on
+    every machine for the same command and code, and an edit to a module the command never imported
+    (tests, benchmarks, other stages) does not change it. Not cached: a stage may import more as it goes.
+    """
     digest = hashlib.blake2b(digest_size=6)
-    for root in (Path(__file__).parent, Path(__file__).parent.parent / "train"):
-        for file in sorted(root.rglob("*.py")):
-            digest.update(file.relative_to(root.parent).as_posix().encode() + b"\0" + file.read_bytes())
+    root = _CODE_ROOTS[0].parent
+    for file in loaded_sources():
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
     return f"{__version__}+{digest.hexdigest()}"
+
+
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    """python, the libraries that shape outputs, and factory: name -> version (None: not installed).
+
+    Read from the installed distributions' metadata (importlib.metadata), so torch is not imported for it.
+    """
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["factory"] = __version__  # the running source's, even from a checkout that is not installed
+    return versions
 
 
 def fingerprints(inputs: dict[str, str | Path] | None) -> dict[str, str]:
@@ -72,6 +119,7 @@ def write_table(
         "inputs": fingerprints(inputs),
         "model_id": model_id,
         "code_version": code_version(),
+        "versions": library_versions(),
         "rows": table.num_rows,
     }
     metadata = dict(table.schema.metadata or {})
@@ -168,6 +216,7 @@ def write_model_lineage(
         "params": params,
         "metrics": metrics or {},
         "code_version": code_version(),
+        "versions": library_versions(),
     }
     write_json(Path(model_dir) / MODEL_LINEAGE_FILE, record)
     return record

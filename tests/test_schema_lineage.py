@@ -76,6 +76,7 @@ def test_write_table_is_atomic_carries_provenance_and_is_deterministic(tmp_path)
     assert record["stage"] == "problems" and record["params"] == {"seed": 1} and record["rows"] == 1
     assert record["inputs"] == {"source": file_fingerprint(source)}
     assert record["code_version"].startswith("0.")
+    assert record["versions"] == lineage.library_versions()
     first = out.read_bytes()
     lineage.write_table(table, out, kind="problems", stage="problems", params={"seed": 1}, inputs={"source": source})
     assert out.read_bytes() == first
@@ -101,6 +102,7 @@ def test_model_lineage_round_trip(tmp_path):
     record = lineage.write_model_lineage(model, stage="warmup", parent=None, data={}, params={"lr": 1})
     assert record["model_id"].startswith("m-")
     assert lineage.read_model_lineage(model) == json.loads((model / "lineage.json").read_text())
+    assert record["versions"] == lineage.library_versions() and record["code_version"].startswith("0.")
     # The lineage file itself does not change the model's id.
     assert lineage.model_id(model) == record["model_id"]
     (model / "model.safetensors").write_bytes(b"other weights")
