@@ -11,6 +11,12 @@ themselves: `models` (one row per model folder's lineage.json) and `files`
 `words(text)`, `ngrams(text, n)`, `steps(text)` (`factory.steps.split_steps`
 with its newline delimiter) and `gold_recipe(recipe)`.
 
+`catalog` is writable and unconfined (export, lineage and the report build on
+it). Audit checks, and `factory audit` unless `--unconfined`, run on a
+`ConfinedCatalog`: the catalog in a database file that each check opens afresh,
+read-only, with no file access but to the tables' own files, so a check can
+neither change what a later one sees nor write or read anything else.
+
 Only DuckDB is imported here (not pyarrow, torch or transformers): `factory
 audit` must start fast.
 """
@@ -18,9 +24,14 @@ audit` must start fast.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import re
+import shutil
 import sys
+import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -172,15 +183,28 @@ def catalog(
     paths: Sequence[str | Path] | None = None,
     variables: dict[str, object] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with a view per table (see the module docstring).
+    """An in-memory, writable and unconfined DuckDB connection with a view per table (see the module docstring).
 
     `paths` limits the tables to those files (a DVC stage sees only its deps).
     `variables` become DuckDB variables (`getvariable('name')`), so checks read
-    their thresholds from params.
+    their thresholds from params. For SQL that must not write or read other
+    files (audit checks, `factory audit`), use `ConfinedCatalog`.
     """
     root = Path(root)
-    files = discover(root, data_dir, iterations, paths)
     con = duckdb.connect()
+    _fill(con, root, discover(root, data_dir, iterations, paths), _models(root, models_dir, iterations))
+    _set_variables(con, variables)
+    return con
+
+
+def _models(root: Path, models_dir: str, iterations: Iterable[int] | None) -> list[dict]:
+    wanted = None if iterations is None else set(iterations)
+    return [m for m in model_records(root, models_dir)
+            if wanted is None or m["iteration"] is None or m["iteration"] in wanted]
+
+
+def _fill(con: duckdb.DuckDBPyConnection, root: Path, files: Sequence[TableFile], models: Sequence[dict]) -> None:
+    """The macros, a view per table kind over its files, and the `models` and `files` tables."""
     con.execute(_MACROS)
     by_view: dict[str, list[TableFile]] = {}
     for table_file in files:
@@ -188,9 +212,6 @@ def catalog(
             by_view.setdefault(table_file.view, []).append(table_file)
     for view, members in sorted(by_view.items()):
         con.execute(f"CREATE VIEW {view} AS {_view_sql(root, members)}")
-    wanted = None if iterations is None else set(iterations)
-    models = [m for m in model_records(root, models_dir)
-              if wanted is None or m["iteration"] is None or m["iteration"] in wanted]
     con.execute("CREATE TABLE models (model_id VARCHAR, path VARCHAR, iteration INTEGER, stage VARCHAR, "
                 "parent VARCHAR, code_version VARCHAR, data JSON, params JSON, metrics JSON)")
     if models:
@@ -205,9 +226,76 @@ def catalog(
              json.dumps((f.provenance or {}).get("params", {}), sort_keys=True),
              json.dumps((f.provenance or {}).get("inputs", {}), sort_keys=True)]
             for f in files])
+
+
+def _set_variables(con: duckdb.DuckDBPyConnection, variables: dict[str, object] | None) -> None:
     for name, value in sorted((variables or {}).items()):
-        con.execute(f"SET VARIABLE {name} = ?", [value])
-    return con
+        con.execute(f"SET VARIABLE {_identifier(str(name))} = ?", [value])
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ConfinedCatalog:
+    """The catalog built once into a database file; `connect()` opens a fresh read-only, confined connection.
+
+    A confined connection cannot change the views or tables (the database is opened read-only, and each
+    connection's temporary objects die with it), and cannot reach any file but the catalog's tables: DuckDB's
+    `enable_external_access` is off, `allowed_paths` lists exactly the table files (the views read them anew
+    on every query, so they must be allowed), and `lock_configuration` keeps SQL from changing either. So no
+    COPY ... TO, ATTACH, INSTALL or LOAD, EXPORT DATABASE, read_csv('/etc/passwd'), glob('/*') or SET.
+    The views' file paths are absolute, so the connection reads the same files from any working directory.
+    Use as a context manager (or call `close()`): it removes the database file.
+    """
+
+    def __init__(
+        self,
+        root: str | Path = ".",
+        *,
+        data_dir: str = "data",
+        models_dir: str = "models",
+        iterations: Iterable[int] | None = None,
+        paths: Sequence[str | Path] | None = None,
+        variables: dict[str, object] | None = None,
+    ) -> None:
+        root = Path(root).absolute()
+        files = discover(root, data_dir, iterations, paths)
+        self.variables = dict(variables or {})
+        located = [root / f.path for f in files]
+        self.allowed_paths = sorted({str(p) for p in located} | {str(p.resolve()) for p in located})
+        self._folder = tempfile.mkdtemp(prefix="factory-audit-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        self.path = str(Path(self._folder) / "catalog.duckdb")
+        con = duckdb.connect(self.path)
+        try:
+            _fill(con, root, files, _models(root, models_dir, iterations))
+        finally:
+            con.close()
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(self.path, read_only=True, config={
+            "autoinstall_known_extensions": False, "allow_community_extensions": False})
+        try:
+            # allowed_paths can only be set once the database is started, so here rather than in `config`.
+            con.execute(f"SET allowed_paths = [{', '.join(sql_literal(p) for p in self.allowed_paths)}]")
+            con.execute("SET allowed_directories = []")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            _set_variables(con, self.variables)  # variables stay settable once the configuration is locked
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def close(self) -> None:
+        self._cleanup()
+
+    def __enter__(self) -> ConfinedCatalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def views(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -215,18 +303,37 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
         "SELECT table_name FROM information_schema.tables ORDER BY table_name").fetchall()]
 
 
+def refusal(error: duckdb.Error) -> str | None:
+    """The first line of `error` when a confined connection refused it (a write, a file outside, SET); else None."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, duckdb.PermissionException) or any(
+            marker in text for marker in ("read-only mode", "configuration has been locked")):
+        return first
+    return None
+
+
 def query(con: duckdb.DuckDBPyConnection, sql: str, *, source: str = "query") -> tuple[list[str], list[tuple]]:
-    """Run `sql`; the error names `source` and the views that exist (the usual mistake is a missing one)."""
+    """Run `sql`; the error names `source` and the views that exist (the usual mistake is a missing one).
+
+    On a confined connection (`ConfinedCatalog.connect`), what it refuses is one line: `source: refused: ...`.
+    """
     try:
         relation = con.sql(sql)
+        if relation is None:  # a statement with no result (SET, CREATE)
+            return [], []
+        return relation.columns, relation.fetchall()
     except duckdb.Error as error:
+        refused = refusal(error)
+        if refused:
+            raise AuditError(f"{source}: refused: {refused} (the connection is read-only and reads only the "
+                             "project's tables)") from None
         raise AuditError(f"{source}: {error}\n(views: {', '.join(views(con))})") from None
-    if relation is None:  # a statement with no result (SET, CREATE)
-        return [], []
-    return relation.columns, relation.fetchall()
 
 
 def _jsonable(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
@@ -241,17 +348,20 @@ def records(columns: Sequence[str], rows: Sequence[tuple]) -> list[dict]:
 
 
 def format_rows(columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", *, max_width: int = 60) -> str:
-    """Rows as an aligned text table, CSV or JSON (a list of objects)."""
-    if fmt == "json":
-        return json.dumps(records(columns, rows), indent=2, ensure_ascii=False)
-    if fmt == "csv":
-        import io
+    """Rows as an aligned text table, CSV or JSON (a list of objects).
 
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([[_cell(v, None) for v in row] for row in rows])
-        return buffer.getvalue().rstrip("\n")
+    JSON is strict: NaN and Infinity become null. CSV follows RFC 4180 with PostgreSQL's (and DuckDB's COPY)
+    convention for NULL: a NULL is an empty unquoted field, an empty string is a quoted empty field (`""`);
+    text keeps its newlines (inside quotes), lists and structs are JSON text. `csv.reader` reads every value
+    back (NULL and "" both as ''; with Python 3.12's `quoting=csv.QUOTE_NOTNULL`, NULL as None), and so does
+    DuckDB: `read_csv(path, all_varchar = true, allow_quoted_nulls = false)`.
+    """
+    if fmt == "json":
+        return json.dumps(records(columns, rows), indent=2, ensure_ascii=False, allow_nan=False)
+    if fmt == "csv":
+        lines = [",".join(_csv_field(c) for c in columns)]
+        lines += [",".join(_csv_field(v) for v in row) for row in rows]
+        return "\n".join(lines)
     if fmt != "table":
         raise AuditError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     cells = [[_cell(v, max_width) for v in row] for row in rows]
@@ -261,11 +371,29 @@ def format_rows(columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table
     return "\n".join(body + [f"({len(rows)} row{'s' if len(rows) != 1 else ''})"])
 
 
+def _text(value: object) -> str:
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False)
+    return str(value)
+
+
+def _csv_field(value: object) -> str:
+    """One CSV field: NULL unquoted and empty, an empty string `""`, text quoted by the csv module's rules."""
+    if value is None:
+        return ""
+    text = _text(value)
+    if text == "":
+        return '""'
+    buffer = io.StringIO()
+    # QUOTE_MINIMAL quotes a field holding the delimiter, the quote or a character of the line terminator.
+    csv.writer(buffer, lineterminator="\r\n").writerow([text])
+    return buffer.getvalue()[:-2]
+
+
 def _cell(value: object, max_width: int | None) -> str:
     if value is None:
-        return "" if max_width is None else "NULL"
-    text = json.dumps(_jsonable(value)) if isinstance(value, (list, dict, tuple)) else str(value)
-    text = text.replace("\n", "\\n")
+        return "NULL"
+    text = _text(value).replace("\n", "\\n")
     if max_width is not None and len(text) > max_width:
         text = text[: max_width - 1] + "…"
     return text
@@ -307,10 +435,11 @@ class CheckResult:
     check: Check
     columns: list[str]
     rows: list[tuple]
+    error: str | None = None  # the check could not run, or was refused (it wrote, or read outside the tables)
 
     @property
     def passed(self) -> bool:
-        return not self.rows
+        return self.error is None and not self.rows
 
     def offending_ids(self) -> list[str]:
         """The distinct first-column values of the violating rows: checks put the offending id first."""
@@ -318,8 +447,9 @@ class CheckResult:
 
     def summary(self, limit: int = 20) -> dict:
         """For the gate's report: the check, its count and its first rows."""
-        return {"path": self.check.path, "description": self.check.description, "violations": len(self.rows),
-                "rows": records(self.columns, self.rows[:limit])}
+        summary = {"path": self.check.path, "description": self.check.description, "violations": len(self.rows),
+                   "rows": records(self.columns, self.rows[:limit])}
+        return summary | ({"error": self.error} if self.error is not None else {})
 
 
 def load_checks(folder: str | Path) -> list[Check]:
@@ -337,12 +467,49 @@ def load_checks(folder: str | Path) -> list[Check]:
     return checks
 
 
-def run_checks(con: duckdb.DuckDBPyConnection, checks: Sequence[Check]) -> list[CheckResult]:
+def run_checks(source: ConfinedCatalog | duckdb.DuckDBPyConnection, checks: Sequence[Check]) -> list[CheckResult]:
+    """Run every check; one that cannot run or is refused fails with its `error` (one line naming its file).
+
+    On a `ConfinedCatalog` (the gate) each check gets a fresh read-only, confined connection, so no check can
+    change what a later one reads, write a file or read one outside the tables. A plain connection (tests,
+    scripts) gives each check a cursor of it: unconfined, but SELECT-only all the same.
+    """
     results = []
     for check in checks:
-        columns, rows = query(con, check.sql, source=f"audit check {check.name!r} ({check.path})")
-        results.append(CheckResult(check, list(columns), list(rows)))
+        con = source.connect() if isinstance(source, ConfinedCatalog) else source.cursor()
+        try:
+            results.append(_run_check(con, check))
+        finally:
+            con.close()
     return results
+
+
+def _run_check(con: duckdb.DuckDBPyConnection, check: Check) -> CheckResult:
+    """A check is SELECT statements only (the last one's rows are its violations)."""
+    def refused(reason: str) -> CheckResult:
+        return CheckResult(check, [], [], f"audit check {check.name!r} refused ({check.path}): {reason}")
+
+    try:
+        statements = con.extract_statements(check.sql)
+    except duckdb.Error as error:
+        return CheckResult(check, [], [], f"audit check {check.name!r} could not run ({check.path}): {error}")
+    if not statements:
+        return CheckResult(check, [], [], f"audit check {check.name!r} could not run ({check.path}): no statement")
+    for statement in statements:
+        if statement.type != duckdb.StatementType.SELECT:
+            return refused(f"a check may run only SELECT statements, not {statement.type.name} "
+                           f"({' '.join(statement.query.split())[:80]})")
+    try:
+        relation = None
+        for statement in statements:
+            relation = con.sql(statement)
+        return CheckResult(check, list(relation.columns), list(relation.fetchall()))
+    except duckdb.Error as error:
+        reason = refusal(error)
+        if reason:
+            return refused(f"{reason} (a check reads only the tables it is given)")
+        return CheckResult(check, [], [], f"audit check {check.name!r} could not run ({check.path}): {error}\n"
+                                          f"(views: {', '.join(views(con))})")
 
 
 def failure_message(results: Sequence[CheckResult]) -> str:
@@ -350,6 +517,9 @@ def failure_message(results: Sequence[CheckResult]) -> str:
     parts = []
     for result in results:
         if result.passed:
+            continue
+        if result.error is not None:
+            parts.append(result.error)
             continue
         offending = result.offending_ids()
         ids = ", ".join(offending[:10])

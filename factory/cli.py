@@ -502,11 +502,22 @@ def cmd_audit(args) -> None:
     More:
       factory audit "SELECT iteration, avg((NOT majority_correct)::INT) FROM votes WHERE top_answer IS NOT NULL GROUP BY 1"
       factory audit --format json "SELECT s.model_id FROM pairs p JOIN samples s ON s.sample_id = p.rejected_sample_id WHERE p.pair_id = 'pair-…'"
+    The SQL runs read-only and confined to the project's tables (no COPY ... TO, ATTACH, or reading other
+    files); --unconfined runs it on a writable connection with DuckDB's full file access.
+    --format json writes null for NaN and Infinity; --format csv writes NULL as an empty unquoted field and an
+    empty string as "" (read it back with DuckDB's read_csv(..., allow_quoted_nulls = false)).
     """
-    from factory.audit import catalog, query, write_rows
+    from factory.audit import ConfinedCatalog, catalog, query, write_rows
 
-    con = catalog(args.root, iterations=args.iteration or None)
-    columns, rows = query(con, args.sql)
+    if args.unconfined:
+        columns, rows = query(catalog(args.root, iterations=args.iteration or None), args.sql)
+    else:
+        with ConfinedCatalog(args.root, iterations=args.iteration or None) as confined:
+            con = confined.connect()
+            try:
+                columns, rows = query(con, args.sql)
+            finally:
+                con.close()
     write_rows(columns, rows, args.format)
 
 
@@ -514,10 +525,12 @@ def cmd_gate(args) -> None:
     """Run the audit checks (SQL files returning violating rows) on one iteration's tables; fail if any returns rows.
 
     Thresholds come from params `audit` (DuckDB variables, e.g. getvariable('max_length_ratio')) and the
-    test splits from params `eval.splits`.
-    Example: factory gate data/problems.parquet data/iter_1/samples.parquet data/iter_1/labels.parquet data/iter_1/pairs.parquet --out metrics/iterations/iter_1/audit.json
+    test splits from params `eval.splits`. The tables must hold every view the checks read (the shipped ones:
+    problems, samples, labels, pairs, nodes). Each check runs alone on a read-only connection that reads only
+    these tables: a check that writes (CREATE, COPY, ATTACH, SET, ...) or reads another file fails the gate.
+    Example: factory gate data/problems.parquet data/iter_1/samples.parquet data/iter_1/labels.parquet data/iter_1/votes.parquet data/iter_1/pairs.parquet data/iter_1/steps/nodes.parquet --out metrics/iterations/iter_1/audit.json
     """
-    from factory.audit import AuditConfig, GateFailed, catalog, failure_message, load_checks, run_checks
+    from factory.audit import AuditConfig, ConfinedCatalog, GateFailed, failure_message, load_checks, run_checks
     from factory.io import write_json
     from factory.params import section
 
@@ -525,13 +538,15 @@ def cmd_gate(args) -> None:
     config = section(params, "audit", AuditConfig, path=args.params)
     test_splits = (params.get("eval") or {}).get("splits", ["test", "test_ood"])
     checks = load_checks(args.checks or config.checks)
-    con = catalog(args.root, paths=args.tables, variables=config.as_variables(test_splits))
-    results = run_checks(con, checks)
+    with ConfinedCatalog(args.root, paths=args.tables, variables=config.as_variables(test_splits)) as confined:
+        results = run_checks(confined, checks)
     report = {"passed": all(r.passed for r in results), "checks": {r.check.name: r.summary() for r in results}}
     if args.out:
         write_json(args.out, report)
     for result in results:
-        print(f"{'ok  ' if result.passed else 'FAIL'} {result.check.name}: {len(result.rows)} violating row(s)")
+        outcome = (result.error.splitlines()[0] if result.error is not None
+                   else f"{len(result.rows)} violating row(s)")
+        print(f"{'ok  ' if result.passed else 'FAIL'} {result.check.name}: {outcome}")
     if not report["passed"]:
         raise GateFailed(failure_message(results))
 
@@ -710,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--iteration", type=int, action="append", help="only these iterations (repeat the flag)")
     p.add_argument("--root", default=".", help="project folder holding data/ and models/")
+    p.add_argument("--unconfined", action="store_true",
+                   help="run the SQL on a writable connection with full file access (COPY ... TO, ATTACH)")
 
     p = command("gate", cmd_gate, "run the audit checks on tables and fail when an invariant breaks")
     p.add_argument("tables", nargs="+", help="the table files the checks see (a DVC stage's deps)")
