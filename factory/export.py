@@ -57,12 +57,17 @@ so no end-of-turn token is part of a `chosen`, `rejected` or `messages` text.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -72,7 +77,7 @@ import yaml
 
 from factory.audit import TableFile, catalog, discover, model_records, sql_literal, views
 from factory.ids import content_hash, file_fingerprint
-from factory.io import write_json, write_text
+from factory.io import remove_stale, write_json, write_text
 from factory.lineage import dvc_lock_entry, dvc_lock_outputs
 
 DEFAULT_TABLES = ("problems", "samples", "labels", "pairs", "votes", "dropped", "pairs_chat", "sft_chat")
@@ -158,10 +163,23 @@ def export_dataset(
 
     `decontamination` is a report to publish as is; without it, one is computed
     from the problems (word n-grams shared with test questions, as the audit does).
+
+    An earlier export in `out_dir` is replaced as a whole: the new one is built beside it and swapped in
+    (killed at any point, the folder is the complete old or new export, and the next run finishes or
+    undoes the swap: `recover_export`). Only the files the earlier export wrote (lineage.json `files`) are
+    replaced; anything else in the folder (a `.git/`, `.gitattributes`, the user's notes) is carried over.
     """
     root = Path(root)
     out = Path(out_dir).absolute()
-    _check_replaceable(out)
+    with _export_lock(out):
+        recover_export(out)
+        return _export(out, root, tables, iterations, decontamination)
+
+
+def _export(out: Path, root: Path, tables: Sequence[str], iterations: Iterable[int] | None,
+            decontamination: dict | None) -> dict:
+    """export_dataset's work, under its lock: build the new export beside `out`, then swap it in."""
+    previous = _check_replaceable(out)
     files = discover(root, iterations=iterations)
     by_view: dict[str, list[TableFile]] = {}
     for table_file in files:
@@ -176,7 +194,7 @@ def export_dataset(
     con = catalog(root, iterations=iterations)
     splits = _plan_splits(con, root, tables, by_view)
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    staging = out.with_name(f"{_staging_prefix(out)}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -184,6 +202,7 @@ def export_dataset(
             split.rows = _copy(con, root, by_view.get(split.config, []), split, staging / split.path)
             if not split.rows:  # datasets cannot load an empty split: leave it out and say so
                 (staging / split.path).unlink()
+            _reached("building")
         empty = [s for s in splits if not s.rows]
         splits = [s for s in splits if s.rows]
         _trace(root, splits, files)
@@ -192,14 +211,147 @@ def export_dataset(
         models = _ancestry(root)
         lineage = json.loads(_scrub(json.dumps(_lineage(splits, empty, models, params, git, decontamination, con)),
                                   root))
+        lineage["files"] = sorted([*(s.path for s in splits), "README.md", "lineage.json"])  # what to replace
         write_json(staging / "lineage.json", lineage)
         write_text(staging / "README.md", _scrub(_card(splits, models, lineage, staging), root))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        if previous is not None:
+            _carry_over(out, staging, previous, set(lineage["files"]))
+        _reached("staged")
+        ready = _ready(out)
+        staging.rename(ready)  # complete: from here a restart finishes the swap or keeps the old export
+        _reached("ready")
+        _swap(out, ready)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return lineage
+
+
+# Beside an export folder NAME while it is replaced (all removed or renamed in by `recover_export`):
+# `.NAME.export-tmp-PID` the new export being built, `.NAME.export-new` the complete new export (or, after
+# an atomic exchange, the old one), `.NAME.export-old` the old export set aside (when exchange is unsupported).
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.export-tmp-"
+
+
+def _ready(out: Path) -> Path:
+    return out.with_name(f".{out.name}.export-new")
+
+
+def _aside(out: Path) -> Path:
+    return out.with_name(f".{out.name}.export-old")
+
+
+def _reached(step: str) -> None:
+    """A named step of the replacement (building, staged, ready, aside, swapped): tests kill the process here."""
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path):
+    """One export or recovery of a folder at a time: flock on the folder's parent (no lock file is left)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is not supported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
+def _swap(out: Path, ready: Path) -> None:
+    """Put the complete export `ready` in place of `out`, then remove the old one.
+
+    With an atomic exchange `out` is always a complete export; otherwise it is missing for a moment
+    (old set aside, new not yet renamed in), and `recover_export` finishes the swap after a kill there.
+    """
+    if not out.exists():
+        ready.rename(out)
+        return
+    if _exchange(ready, out):  # `ready` now holds the old export
+        _reached("swapped")
+        shutil.rmtree(ready)
+        return
+    aside = _aside(out)
+    out.rename(aside)
+    _reached("aside")
+    ready.rename(out)
+    _reached("swapped")
+    shutil.rmtree(aside)
+
+
+def recover_export(out: str | Path) -> None:
+    """Finish or undo a replacement of export `out` that was killed midway, and remove dead builds.
+
+    Afterwards `out` is the complete old or the complete new export (or absent, if there was none):
+    a complete new one not yet swapped in is dropped while the old one stands (the interrupted export
+    is simply run again), and finished when the old one was already set aside. Call under `_export_lock`.
+    """
+    out = Path(out).absolute()
+    remove_stale(out.parent, _staging_prefix(out))
+    remove_stale(out.parent, f".{out.name}.tmp-")  # a build by the export before it named them export-tmp
+    ready, aside = _ready(out), _aside(out)
+    if out.exists():
+        # `ready`: the new export, not yet swapped in, or the old one, swapped out; `aside`: the old one
+        for leftover in (ready, aside):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+    elif ready.exists():  # killed between setting the old export aside and renaming the new one in
+        ready.rename(out)
+        if aside.exists():
+            shutil.rmtree(aside)
+    elif aside.exists():  # the old export set aside with no new one to take its place: put it back
+        aside.rename(out)
+
+
+def _written(lineage: dict) -> set[str]:
+    """The files an export wrote (relative paths): its `files`, or for an export made before it listed
+    them, its splits' files, README.md and lineage.json."""
+    if isinstance(lineage.get("files"), list):
+        return set(lineage["files"])
+    return {"README.md", "lineage.json", *(s["path"] for s in lineage.get("splits") or [] if "path" in s)}
+
+
+def _carry_over(out: Path, staging: Path, previous: set[str], new: set[str]) -> None:
+    """Everything in the earlier export `out` it did not write itself (a `.git/`, `.gitattributes`, notes)
+    goes into the new export at the same place, as hard links (copies where links are not possible); the
+    earlier export's own files are not carried. A file of the user's where the new export writes one is
+    an error: the export never deletes what it did not write."""
+    for folder, dirs, names in os.walk(out):
+        here = Path(folder)
+        relative = here.relative_to(out)
+        links = [d for d in dirs if (here / d).is_symlink()]  # a link to a folder: carried as a link
+        dirs[:] = [d for d in dirs if d not in links]
+        if not dirs and not names and not links and relative != Path("."):
+            (staging / relative).mkdir(parents=True, exist_ok=True)  # an empty folder of the user's
+        for name in names + links:
+            path = (relative / name).as_posix()
+            if path in previous:
+                continue
+            if path in new:
+                raise ExportError(f"{out / path}: not written by the earlier export, but this export writes it; "
+                                  "move it away and export again")
+            target = staging / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(here / name, target, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(here / name, target, follow_symlinks=False)
 
 
 def push_dataset(
@@ -214,6 +366,8 @@ def push_dataset(
     import huggingface_hub
 
     folder = Path(folder)
+    with _export_lock(folder.absolute()):
+        recover_export(folder)  # an export killed while it replaced this folder: finished or undone
     if not (folder / "README.md").is_file() or not (folder / "lineage.json").is_file():
         raise ExportError(f"{folder}: not an export (no README.md and lineage.json); run the export first")
     token = token or huggingface_hub.get_token()  # HF_TOKEN, else the token `hf auth login` saved
@@ -250,16 +404,23 @@ def _hub_name(name: str) -> str:
     return cleaned
 
 
-def _check_replaceable(out: Path) -> None:
-    """Only an empty folder or an earlier export may be replaced: the export deletes what was there."""
+def _check_replaceable(out: Path) -> set[str] | None:
+    """Only an empty folder or an earlier export may be replaced; the files the earlier export wrote (the
+    empty set for an empty folder; None for none): those are replaced, anything else in it is kept."""
     if not out.exists():
-        return
+        return None
     if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
     marker = out / "lineage.json"
-    previous = json.loads(marker.read_text()).get("exported_by") if marker.is_file() else None
-    if any(out.iterdir()) and previous != EXPORT_MARKER:
-        raise ExportError(f"{out}: not empty and not an earlier export; choose a new or empty folder")
+    try:
+        lineage = json.loads(marker.read_text()) if marker.is_file() else {}
+    except (ValueError, OSError):
+        lineage = {}
+    if not isinstance(lineage, dict) or lineage.get("exported_by") != EXPORT_MARKER:
+        if any(out.iterdir()):
+            raise ExportError(f"{out}: not empty and not an earlier export; choose a new or empty folder")
+        return set()
+    return _written(lineage)
 
 
 def _plan_splits(con, root: Path, tables: Sequence[str], by_view: dict[str, list[TableFile]]) -> list[Split]:
