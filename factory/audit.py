@@ -282,6 +282,11 @@ class ConfinedCatalog:
             con.execute("SET allowed_directories = []")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
+        except duckdb.Error as error:  # an older DuckDB without these settings: refuse to run unconfined
+            con.close()
+            raise AuditError(f"cannot confine the audit connection (DuckDB {duckdb.__version__}): "
+                             f"{str(error).splitlines()[0]}") from None
+        try:
             _set_variables(con, self.variables)  # variables stay settable once the configuration is locked
         except BaseException:
             con.close()
