@@ -139,20 +139,24 @@ def run_in_shards(
     shard_dir = Path(shard_dir).absolute()
     folder = job_dir(shard_dir, fingerprint)
     _lock(folder, shard_dir)
-    _prepare(folder, fingerprint)
-    starts = range(0, len(items), shard_size)
-    rows: list[dict] = []
-    resumed = 0
-    for index, start in enumerate(tqdm(starts, desc=desc, unit="shard")):
-        path = folder / f"shard-{index:05d}.parquet"
-        if path.exists():
-            rows.extend(pq.read_table(path).to_pylist())
-            resumed += 1
-            continue
-        table = from_rows(work(items[start : start + shard_size]), kind, source=str(path))
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        rows.extend(table.to_pylist())  # the same rows a resumed run reads back
+    try:
+        _prepare(folder, fingerprint)
+        starts = range(0, len(items), shard_size)
+        rows: list[dict] = []
+        resumed = 0
+        for index, start in enumerate(tqdm(starts, desc=desc, unit="shard")):
+            path = folder / f"shard-{index:05d}.parquet"
+            if path.exists():
+                rows.extend(pq.read_table(path).to_pylist())
+                resumed += 1
+                continue
+            table = from_rows(work(items[start : start + shard_size]), kind, source=str(path))
+            with atomic_path(path) as tmp:
+                pq.write_table(table, tmp)
+            rows.extend(table.to_pylist())  # the same rows a resumed run reads back
+    except BaseException:
+        _unlock(folder)  # the finished shards stay for the next run of the job
+        raise
     if resumed:
         print(f"{desc}: resumed {resumed} of {len(starts)} shards from {folder}", flush=True)
     return rows
@@ -175,6 +179,9 @@ def clear_shards(shard_dir: Path) -> None:
         if folder.is_dir() and _lock(folder, shard_dir, wait=False) is not None:
             shutil.rmtree(folder, ignore_errors=True)
             _unlock(folder)
+    for legacy in shard_dir.iterdir():  # shards and manifest of the layout before job folders
+        if legacy.is_file():
+            legacy.unlink(missing_ok=True)
     remove_stale(shard_dir.parent, tmp_prefix(shard_dir))
     try:
         shard_dir.rmdir()
