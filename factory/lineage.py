@@ -131,12 +131,45 @@ def write_table(
 
 
 def read_table(path: str | Path, kind: str | None = None) -> pa.Table:
+    """A Parquet table; with `kind`, checked as an input of that kind (`factory.schema.validate`, `check_input`).
+
+    Every failure is a one-line ValueError naming the file: missing, a folder, empty, not Parquet (truncated),
+    a table factory wrote as another kind, a bad column, a repeated id, a number that is NaN or infinite.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from factory.schema import validate
+    from factory.schema import check_input, validate
 
-    table = pq.read_table(path)
-    return validate(table, kind, source=str(path)) if kind else table
+    path = Path(path)
+    what = f"{kind} file" if kind else "Parquet file"
+    if not path.exists():
+        raise FileNotFoundError(f"no such {what}: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a {what}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, expected a {what}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{path}: not a readable Parquet file ({reason})") from None
+    if not kind:
+        return table
+    written = _written_kind(table)
+    if written and written != kind:
+        raise ValueError(f"{path}: a {written} table, expected a {kind} table")
+    table = validate(table, kind, source=str(path))
+    check_input(table, kind, source=str(path))
+    return table
+
+
+def _written_kind(table: pa.Table) -> str | None:
+    """The table kind factory recorded in a file's provenance (None: no provenance, or not readable)."""
+    try:
+        return json.loads((table.schema.metadata or {})[METADATA_KEY]).get("table")
+    except (KeyError, ValueError, AttributeError):
+        return None
 
 
 def read_provenance(path: str | Path) -> dict | None:

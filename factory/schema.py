@@ -3,7 +3,9 @@
 Column names here are a public contract: users' SQL and scripts depend on them.
 Tables may carry extra columns (they are kept, after the declared ones), but the
 declared ones must be present with their types, and non-nullable ones must
-have no nulls. `validate` names the file, the column and the first bad row.
+have no nulls. `validate` names the file, the column and the first bad row
+(rows are numbered from 1 in every message). `check_input` adds what an input
+table must also satisfy: unique ids and finite numbers.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ TABLES: dict[str, pa.Schema] = {
 
 
 class SchemaError(ValueError):
-    """A table does not match its declared schema; the message names file, column and row."""
+    """A table does not match its declared schema; the message names file, column and row (1-based)."""
 
 
 def schema_for(kind: str) -> pa.Schema:
@@ -216,12 +218,12 @@ def validate(table: pa.Table, kind: str, *, source: str = "<table>") -> pa.Table
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                     row, value = _first_bad_row(column, field.type)
                     raise SchemaError(
-                        f"{source}: column {field.name!r} row {row}: expected {field.type}, "
+                        f"{source}: column {field.name!r} row {row + 1}: expected {field.type}, "
                         f"got {value!r} (column type {column.type})"
                     ) from None
             if not field.nullable and column.null_count:
                 row = pc.index(pc.is_null(column), True).as_py()
-                raise SchemaError(f"{source}: column {field.name!r} row {row}: null in a required field")
+                raise SchemaError(f"{source}: column {field.name!r} row {row + 1}: null in a required field")
         columns.append(column)
         fields.append(field)
     for name in table.column_names:
@@ -249,7 +251,7 @@ def from_rows(rows: list[dict], kind: str, *, source: str = "<rows>") -> pa.Tabl
                     pa.array([value], type=field.type)
                 except (pa.ArrowInvalid, pa.ArrowTypeError):
                     raise SchemaError(
-                        f"{source}: row {index} field {field.name!r}: expected {field.type}, got {value!r}"
+                        f"{source}: row {index + 1} field {field.name!r}: expected {field.type}, got {value!r}"
                     ) from None
             raise
     loose = pa.schema([f.with_nullable(True) for f in schema])
@@ -257,5 +259,50 @@ def from_rows(rows: list[dict], kind: str, *, source: str = "<rows>") -> pa.Tabl
     for field in schema:
         if not field.nullable and table.column(field.name).null_count:
             row = pc.index(pc.is_null(table.column(field.name)), True).as_py()
-            raise SchemaError(f"{source}: row {row}: required field {field.name!r} is missing or null")
+            raise SchemaError(f"{source}: row {row + 1}: required field {field.name!r} is missing or null")
     return table.cast(schema)
+
+
+# The id column that must be unique in an input table of each kind (duplicates would be counted twice: votes).
+KEYS = {"problems": "problem_id", "samples": "sample_id"}
+
+
+def _is_float(data_type: pa.DataType) -> bool:
+    return pa.types.is_floating(data_type) or (
+        pa.types.is_list(data_type) and pa.types.is_floating(data_type.value_type))
+
+
+def check_input(table: pa.Table, kind: str, *, source: str = "<table>", unit: str = "row",
+                numbers: list[int] | None = None) -> None:
+    """Errors for an input table that `validate` lets through: a repeated id, NaN or Infinity in a number.
+
+    Each names the file, the 1-based row(s) (`unit`: "row" for Parquet, "line" for a JSONL file whose rows
+    are its lines; `numbers`: each row's line, where blank lines were skipped) and the field. Only the
+    declared columns present in `table` are checked.
+    """
+    number = (lambda index: numbers[index]) if numbers is not None else (lambda index: index + 1)
+    key = KEYS.get(kind)
+    if key and key in table.column_names and table.num_rows:
+        ids = table.column(key)
+        if pc.count_distinct(ids, mode="all").as_py() != table.num_rows:
+            first: dict = {}
+            for index, value in enumerate(ids.to_pylist()):
+                if value in first:
+                    raise SchemaError(
+                        f"{source}: {unit}s {number(first[value])} and {number(index)} field {key!r}: duplicate id "
+                        f"{value!r} (each {kind[:-1]} must appear once)")
+                first[value] = index
+    declared = {field.name: field for field in schema_for(kind)}
+    for name in table.column_names:
+        field = declared.get(name)
+        column = table.column(name)
+        if field is None or not _is_float(column.type):
+            continue
+        values = pc.list_flatten(column) if pa.types.is_list(column.type) else column
+        if pc.all(pc.is_finite(values)).as_py() is not False:  # nulls are allowed where the schema allows them
+            continue
+        for index, value in enumerate(column.to_pylist()):
+            items = value if isinstance(value, list) else [value]
+            bad = next((v for v in items if v is not None and (v != v or v in (float("inf"), float("-inf")))), None)
+            if bad is not None:
+                raise SchemaError(f"{source}: {unit} {number(index)} field {name!r}: {bad!r} is not a finite number")

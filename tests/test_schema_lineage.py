@@ -33,7 +33,7 @@ def problem(**overrides):
 def test_validate_names_file_column_and_row_of_a_null():
     table = pa.table({k: [v, v] for k, v in problem().items()}).set_column(
         0, "problem_id", pa.array(["p-1", None]))
-    with pytest.raises(SchemaError, match=r"problems\.parquet: column 'problem_id' row 1: null"):
+    with pytest.raises(SchemaError, match=r"problems\.parquet: column 'problem_id' row 2: null"):
         validate(table, "problems", source="problems.parquet")
 
 
@@ -45,14 +45,14 @@ def test_validate_names_missing_required_column():
 
 def test_validate_names_row_of_a_bad_type_and_keeps_extra_columns():
     table = pa.table({**{k: [v, v] for k, v in problem().items()}, "n_steps": ["3", "three"]})
-    with pytest.raises(SchemaError, match=r"column 'n_steps' row 1: expected int32, got 'three'"):
+    with pytest.raises(SchemaError, match=r"column 'n_steps' row 2: expected int32, got 'three'"):
         validate(table, "problems", source="x")
     ok = validate(pa.table({**{k: [v] for k, v in problem().items()}, "extra": [1]}), "problems")
     assert ok.column_names[: len(PROBLEMS)] == PROBLEMS.names and ok.column_names[-1] == "extra"
 
 
 def test_from_rows_names_row_and_field():
-    with pytest.raises(SchemaError, match=r"row 1: required field 'question'"):
+    with pytest.raises(SchemaError, match=r"row 2: required field 'question'"):
         from_rows([problem(), problem(question=None)], "problems")
 
 
