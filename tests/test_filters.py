@@ -232,7 +232,7 @@ def test_run_filters_counts_reconcile_and_keep_input_order():
 
 def test_a_sample_without_a_label_is_an_error_naming_it():
     samples, labels = mixed_tables()
-    with pytest.raises(ValueError, match=r"s\.parquet: row 5: sample_id 's-5' has no label in l\.parquet"):
+    with pytest.raises(ValueError, match=r"s\.parquet: row 6: sample_id 's-5' has no label in l\.parquet"):
         run_filters(samples, labels.slice(1), FilterConfig(), samples_source="s.parquet", labels_source="l.parquet")
 
 
@@ -289,7 +289,7 @@ def test_cli_filter_errors_name_the_sample_and_the_file(tmp_path, capsys):
             "--dropped", str(tmp_path / "d.parquet")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"factory filter: error: {samples}: row 2: sample_id 's-2' has no label in {labels}" in err
+    assert f"factory filter: error: {samples}: row 3: sample_id 's-2' has no label in {labels}" in err
     assert not out.exists()
     assert main(args[:-2] + ["--dropped", "d.parquet", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such params file" in capsys.readouterr().err

@@ -54,18 +54,18 @@ def join_labels(samples: list[dict], labels: list[dict], *, samples_source: str 
     by_id: dict[str, dict] = {}
     for index, label in enumerate(labels):
         if label["sample_id"] in by_id:
-            raise ValueError(f"{labels_source}: row {index}: sample_id {label['sample_id']!r} is labelled twice")
+            raise ValueError(f"{labels_source}: row {index + 1}: sample_id {label['sample_id']!r} is labelled twice")
         by_id[label["sample_id"]] = label
     rows = []
     for index, sample in enumerate(samples):
         label = by_id.get(sample["sample_id"])
         if label is None:
             raise ValueError(
-                f"{samples_source}: row {index}: sample_id {sample['sample_id']!r} has no label in {labels_source}"
+                f"{samples_source}: row {index + 1}: sample_id {sample['sample_id']!r} has no label in {labels_source}"
             )
         if label["problem_id"] != sample["problem_id"]:
             raise ValueError(
-                f"{samples_source}: row {index}: sample_id {sample['sample_id']!r} has problem_id "
+                f"{samples_source}: row {index + 1}: sample_id {sample['sample_id']!r} has problem_id "
                 f"{sample['problem_id']!r} but its label in {labels_source} has {label['problem_id']!r}"
             )
         rows.append(sample | {k: v for k, v in label.items() if k not in sample})
