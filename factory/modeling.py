@@ -95,6 +95,44 @@ def is_gguf(name_or_path: str | Path) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
+def looks_local(name_or_path: str | Path) -> bool:
+    """Whether a model name is meant as a path on this machine rather than a Hub id ("org/name").
+
+    It exists; starts with `.`, `/` or `~`; has a backslash, more than one `/` or a trailing one (a Hub id
+    has exactly one, inside); or its first part is a folder here (`models/iter_9` beside `models/`).
+    """
+    text = str(name_or_path)
+    if Path(text).exists() or text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/"):
+        return True
+    return text.count("/") > 1 or ("/" in text and Path(text.split("/", 1)[0]).is_dir())
+
+
+def check_model_location(name_or_path: str | Path) -> None:
+    """A one-line error, before any loading, for a model that cannot be there.
+
+    A local path must be a folder holding config.json; a Hub id is left to the Hub loader, except that with
+    HF_HUB_OFFLINE set it must already be in the local Hugging Face cache.
+    """
+    import os
+
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if looks_local(text):
+        if not path.exists():
+            raise FileNotFoundError(f"no such model folder: {text}")
+        if not path.is_dir():
+            raise ValueError(f"{text}: not a model folder (a file; a GGUF model file must end in .gguf)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text}: not a model folder (no config.json in it)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+            raise FileNotFoundError(
+                f"model {text!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+
+
 def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched decoding.
 
@@ -114,6 +152,7 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTra
         tokenizer = AutoTokenizer.from_pretrained(**location)
         model = _plain_model(AutoModelForCausalLM.from_pretrained(**location, dtype=dtype))
     else:
+        check_model_location(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     tokenizer.padding_side = "left"
