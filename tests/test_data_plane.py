@@ -101,7 +101,7 @@ def test_votes_count_answers_per_problem():
 
 def test_an_unknown_problem_is_named_with_its_row():
     samples = pa.table({"sample_id": ["a", "b"], "problem_id": ["p", "x"], "text": ["#### 5", "#### 6"]})
-    with pytest.raises(ValueError, match=r"s\.parquet: row 1 field 'problem_id': 'x' is not in the problems file"):
+    with pytest.raises(ValueError, match=r"s\.parquet: row 2 field 'problem_id': 'x' is not in the problems file"):
         label_samples(samples, pa.table({"problem_id": ["p"], "gold_answer": ["5"]}), samples_source="s.parquet")
 
 

@@ -425,5 +425,5 @@ def test_factory_problems_and_label_on_math(tmp_path, capsys):
     capsys.readouterr()
     assert main(["label", str(samples), "--problems", str(problems), "--out", str(labels)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"samples.jsonl: row 0 field 'problem_id': '{dropped_id}' is not in the problems file" in error
+    assert f"samples.jsonl: row 1 field 'problem_id': '{dropped_id}' is not in the problems file" in error
     assert "factory problems dropped it, filter answer: math.jsonl line 30: field 'solution' has no" in error

@@ -157,8 +157,10 @@ def dropped_path(problems_path: str | os.PathLike) -> Path:
 
 def unknown_problem(source: str, row: int, problem_id: str, problems_source: str | None = None) -> ValueError:
     """The error for a row whose problem_id is not in the problems file: file, row and field on one line,
-    and, when `factory problems` dropped that problem (its dropped file next to the problems file), why."""
-    message = f"{source}: row {row} field 'problem_id': {problem_id!r} is not in the problems file"
+    and, when `factory problems` dropped that problem (its dropped file next to the problems file), why.
+
+    `row` is the 0-based index of the row; the message numbers rows from 1, as every message does."""
+    message = f"{source}: row {row + 1} field 'problem_id': {problem_id!r} is not in the problems file"
     if problems_source is None:
         return ValueError(message)
     message += f" {problems_source}"
@@ -259,7 +261,15 @@ def _map_records(
 # --- JSONL -------------------------------------------------------------------
 
 
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no such problems file: {path}")
+
+
 def _jsonl_records(path: Path, split: str) -> Iterator[tuple[str, Any, str]]:
+    _check_exists(path)
+    if path.is_dir():
+        raise ProblemSourceError(f"{path}: is a folder, expected a JSONL file of problems")
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             try:
@@ -279,10 +289,12 @@ def _jsonl_records(path: Path, split: str) -> Iterator[tuple[str, Any, str]]:
 
 def _read_json(path: Path) -> list | None:
     """The records of a JSON file (an array of them, or one); None if it holds one object per line instead."""
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ProblemSourceError(f"{path}: not UTF-8 ({error.reason})") from None
+        line = data[: error.start].count(b"\n") + 1
+        raise ProblemSourceError(f"{path}: line {line}: not UTF-8 ({error.reason})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -321,8 +333,9 @@ def _load_jsonl_file(
     id_field: str | None,
 ) -> tuple[list[dict], list[dict]]:
     path = Path(path)
+    _check_exists(path)
     json_records = path.is_dir() or path.suffix == ".json"
-    return _map_records(
+    return _not_empty(path, _map_records(
         (_json_records if json_records else _jsonl_records)(path, split),
         origin=str(path),
         label=path.name,
@@ -330,7 +343,14 @@ def _load_jsonl_file(
         question_field=question_field,
         answer_field=answer_field,
         id_field=id_field,
-    )
+    ))
+
+
+def _not_empty(path: Path, loaded: tuple[list[dict], list[dict]]) -> tuple[list[dict], list[dict]]:
+    """A file source with no records at all (empty, or only blank lines) is an error, not an empty table."""
+    if not loaded[0] and not loaded[1]:
+        raise ProblemSourceError(f"{path}: no problems in this file (it is empty)")
+    return loaded
 
 
 def load_jsonl(
@@ -384,6 +404,10 @@ def _check_columns(datasets_by_split: list[tuple[str, Any]], origin: str, questi
 
 def _open_dataset(name: str, *, split: str | None, config: str | None, default_split: str | None):
     """[(split label, Dataset)] from a local save_to_disk folder or `datasets.load_dataset`."""
+    from factory.modeling import looks_local
+
+    if looks_local(name) and not Path(name).exists():
+        raise FileNotFoundError(f"no such problems file or dataset folder: {name}")
     import datasets  # heavy: imported only when a dataset is loaded
 
     if Path(name).is_dir():
