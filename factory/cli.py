@@ -41,6 +41,7 @@ def cmd_problems(args) -> None:
     from factory.lineage import write_table
     from factory.params import as_dict, section
     from factory.problems import load_source, source_inputs
+    from factory.inputs import check_outputs
     from factory.problems.arith import ArithConfig
     from factory.problems.files import dropped_path as default_dropped_path
     from factory.problems.splits import carve_splits, parse_carve
@@ -54,10 +55,14 @@ def cmd_problems(args) -> None:
     if "arith" in args.source:
         params = _params(args)
         arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
+    check_outputs(out=args.out, dropped=args.dropped or default_dropped_path(args.out))
         record["arith"] = as_dict(arith)
     problems, dropped, inputs = [], [], {}
     for index, spec in enumerate(args.source):
         loaded, lost = load_source(spec, split=args.split, arith_config=arith)
+        if args.split is not None and args.split not in arith.sizes:
+            raise ValueError(f"arith: unknown split {args.split!r} (--split); known splits: "
+                             f"{', '.join(name for name, size in arith.sizes.items())}")
         problems += loaded
         dropped += lost
         for name, path in source_inputs(spec).items():
@@ -275,24 +280,30 @@ def cmd_label(args) -> None:
     import pyarrow as pa
 
     from factory.ids import content_id
-    from factory.io import read_rows_table
+    from factory.inputs import check_outputs, read_rows
     from factory.labelers import check_labelers, label_samples, label_summary, vote_table
     from factory.lineage import read_table, write_table
 
     labelers = check_labelers(args.labelers.split(","))
     if args.votes and "vote" not in labelers:
         raise ValueError("--votes needs the vote labeler (--labelers ...,vote)")
-    samples = read_rows_table(args.samples)
+    check_outputs(out=args.out, votes=args.votes, summary=args.summary)
+    rows = read_rows(args.samples, "samples")  # a repeated sample_id is an error: it would vote twice
+    samples = rows.table
     for field in ("problem_id", "text"):
         if field not in samples.column_names:
             raise ValueError(f"{args.samples}: samples need a {field!r} field (found: {', '.join(samples.column_names)})")
         column = samples.column(field).to_pylist()
         for row, value in enumerate(column):
             if not isinstance(value, str):
-                raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {value!r}")
+                raise ValueError(f"{args.samples}: {rows.where(row)} field {field!r}: expected a string, got {value!r}")
     if "sample_id" not in samples.column_names:
-        ids = [content_id("sample", p, t) for p, t in zip(samples.column("problem_id").to_pylist(),
-                                                          samples.column("text").to_pylist())]
+        # rows without ids are distinct samples even when two share a text (both vote): the k-th repeat of a
+        # (problem_id, text) gets an id of its own, so every label's sample_id is unique
+        ids, seen = [], {}
+        for problem_id, text in zip(samples.column("problem_id").to_pylist(), samples.column("text").to_pylist()):
+            repeat = seen[problem_id, text] = seen.get((problem_id, text), -1) + 1
+            ids.append(content_id("sample", problem_id, text, *([repeat] if repeat else [])))
         samples = samples.append_column("sample_id", pa.array(ids, pa.string()))
     problems = read_table(args.problems, "problems")
     labels = label_samples(samples, problems, samples_source=str(args.samples), labelers=labelers,
@@ -322,13 +333,15 @@ def cmd_filter(args) -> None:
     Example: factory filter data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --out data/iter_1/kept.parquet --dropped data/iter_1/dropped.parquet --counts metrics/iter_1_filter.json
     """
     from factory.filters import FilterConfig, run_filters
-    from factory.io import read_rows_table, write_json
+    from factory.inputs import check_outputs, read_rows
+    from factory.io import write_json
     from factory.lineage import write_table
     from factory.params import as_dict, section
 
     config = section(_params(args), "filter", FilterConfig, path=args.params)
-    samples = read_rows_table(args.samples)
-    kept, dropped, counts = run_filters(samples, read_rows_table(args.labels), config,
+    check_outputs(out=args.out, dropped=args.dropped, counts=args.counts)
+    samples = read_rows(args.samples, "samples").table
+    kept, dropped, counts = run_filters(samples, read_rows(args.labels, "labels").table, config,
                                         samples_source=str(args.samples), labels_source=str(args.labels))
     models = set(kept.column("model_id").to_pylist())
     record, inputs = {"filter": as_dict(config)}, {"samples": args.samples, "labels": args.labels}
@@ -759,13 +772,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as error:
-        if os.environ.get("FACTORY_DEBUG"):
+    except Exception as error:
+        # bad input: ValueError (and the libraries' errors about a file: pyarrow's, DuckDB's), OSError (missing,
+        # unreadable, unwritable, disk full); anything else is a bug, with its traceback
+        library = type(error).__module__.split(".")[0].lstrip("_") in ("pyarrow", "duckdb")
+        if os.environ.get("FACTORY_DEBUG") or not (
+                library or isinstance(error, (ValueError, OSError, subprocess.CalledProcessError))):
             raise
-        print(f"factory {args.command}: error: {error}", file=sys.stderr)
+        print(f"factory {args.command}: error: {error_line(error, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+def error_line(error: BaseException, out: str | None = None) -> str:
+    """An error as one line for users: an OS error as `PATH: reason`, naming the file the user gave, never
+    the temporary file beside it (`.NAME.tmp-PID`, `factory.io.atomic_path`); a full or read-only disk met
+    while writing, which names no file, as `OUT: reason` (`out`: the command's --out); any message on one line."""
+    import re
+
+    if isinstance(error, OSError) and error.strerror and (error.filename or error.filename2):
+        # os.replace(tmp, target) names both: the target is the user's path
+        text = f"{error.filename2 or error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+    else:
+        text = str(error) or type(error).__name__
+        if out and isinstance(error, OSError) and re.search(r"errno (28|30|122)\b", f"errno {error.errno} {text}",
+                                                             re.IGNORECASE):  # ENOSPC, EROFS, EDQUOT
+            text = f"{out}: {text}"
+    text = re.sub(r"\.([^/\\\s'\"]+)\.tmp-\d+", r"\1", text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+

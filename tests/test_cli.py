@@ -75,10 +75,10 @@ def test_label_errors_name_file_row_and_field(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem_id": "p-x", "text": "#### 3"}) + "\n")
     assert main(["label", str(bad), "--problems", str(problems), "--out", str(tmp_path / "l.parquet")]) == 2
-    assert "bad.jsonl: row 0 field 'problem_id': 'p-x' is not in the problems file" in capsys.readouterr().err
+    assert "bad.jsonl: row 1 field 'problem_id': 'p-x' is not in the problems file" in capsys.readouterr().err
     bad.write_text(json.dumps({"problem_id": "p-x", "text": 3}) + "\n")
     assert main(["label", str(bad), "--problems", str(problems), "--out", str(tmp_path / "l.parquet")]) == 2
-    assert "row 0 field 'text': expected a string, got 3" in capsys.readouterr().err
+    assert "line 1 field 'text': expected a string, got 3" in capsys.readouterr().err
     bad.write_text('{"problem_id": "p-x", "text": "a"}\n{oops\n')
     assert main(["label", str(bad), "--problems", str(problems), "--out", str(tmp_path / "l.parquet")]) == 2
     assert "bad.jsonl: line 2: not valid JSON" in capsys.readouterr().err
@@ -105,4 +105,4 @@ def test_a_jsonl_field_of_mixed_types_is_named(tmp_path, capsys):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"problem_id": "p-1", "text": "a"}\n{"problem_id": ["p-2"], "text": "b"}\n')
     assert main(["label", str(mixed), "--problems", str(problems), "--out", str(tmp_path / "l.parquet")]) == 2
-    assert "mixed.jsonl: row 1 field 'problem_id': got ['p-2'] (list)" in capsys.readouterr().err
+    assert "mixed.jsonl: line 2 field 'problem_id': got ['p-2'] (list)" in capsys.readouterr().err
