@@ -38,10 +38,10 @@ def cmd_problems(args) -> None:
     Example: factory problems jsonl:math500.jsonl --out math.parquet  (MATH's problem/solution/answer fields)
     Example: factory problems gsm8k:train.jsonl gsm8k:test.jsonl --carve train:dev=200 --carve train:answers=4000 --out data/problems.parquet
     """
+    from factory.inputs import check_outputs
     from factory.lineage import write_table
     from factory.params import as_dict, section
     from factory.problems import load_source, source_inputs
-    from factory.inputs import check_outputs
     from factory.problems.arith import ArithConfig
     from factory.problems.files import dropped_path as default_dropped_path
     from factory.problems.splits import carve_splits, parse_carve
@@ -52,17 +52,17 @@ def cmd_problems(args) -> None:
     record: dict = {"source": args.source if len(args.source) > 1 else args.source[0], "split": args.split}
     if carves:
         record |= {"carve": [f"{c.source}:{c.target}={c.count}" for c in carves], "carve_seed": args.carve_seed}
+    check_outputs(out=args.out, dropped=args.dropped or default_dropped_path(args.out))
     if "arith" in args.source:
         params = _params(args)
         arith = section(params.get("problems", {}), "arith", ArithConfig, path=args.params)
-    check_outputs(out=args.out, dropped=args.dropped or default_dropped_path(args.out))
         record["arith"] = as_dict(arith)
-    problems, dropped, inputs = [], [], {}
-    for index, spec in enumerate(args.source):
-        loaded, lost = load_source(spec, split=args.split, arith_config=arith)
         if args.split is not None and args.split not in arith.sizes:
             raise ValueError(f"arith: unknown split {args.split!r} (--split); known splits: "
                              f"{', '.join(name for name, size in arith.sizes.items())}")
+    problems, dropped, inputs = [], [], {}
+    for index, spec in enumerate(args.source):
+        loaded, lost = load_source(spec, split=args.split, arith_config=arith)
         problems += loaded
         dropped += lost
         for name, path in source_inputs(spec).items():
@@ -768,24 +768,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except Exception as error:
-        # bad input: ValueError (and the libraries' errors about a file: pyarrow's, DuckDB's), OSError (missing,
-        # unreadable, unwritable, disk full); anything else is a bug, with its traceback
-        library = type(error).__module__.split(".")[0].lstrip("_") in ("pyarrow", "duckdb")
-        if os.environ.get("FACTORY_DEBUG") or not (
-                library or isinstance(error, (ValueError, OSError, subprocess.CalledProcessError))):
-            raise
-        print(f"factory {args.command}: error: {error_line(error, getattr(args, 'out', None))}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 def error_line(error: BaseException, out: str | None = None) -> str:
     """An error as one line for users: an OS error as `PATH: reason`, naming the file the user gave, never
     the temporary file beside it (`.NAME.tmp-PID`, `factory.io.atomic_path`); a full or read-only disk met
@@ -804,3 +786,21 @@ def error_line(error: BaseException, out: str | None = None) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Exception as error:
+        # bad input: ValueError (and the libraries' errors about a file: pyarrow's, DuckDB's), OSError (missing,
+        # unreadable, unwritable, disk full); anything else is a bug, with its traceback
+        library = type(error).__module__.split(".")[0].lstrip("_") in ("pyarrow", "duckdb")
+        if os.environ.get("FACTORY_DEBUG") or not (
+                library or isinstance(error, (ValueError, OSError, subprocess.CalledProcessError))):
+            raise
+        print(f"factory {args.command}: error: {error_line(error, getattr(args, 'out', None))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
