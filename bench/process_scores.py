@@ -17,7 +17,7 @@
    round-robin over problems) and as many controls: correct samples from
    step 2 (the calculator keeps their annotations right), round-robin.
 4. Roll out `--rollouts` continuations from every proper step prefix of
-   them with the calculator ON (`factory.generators.steps.mc_rollouts`),
+   them with the calculator ON (`factory.generators.continuations.mc_rollouts`),
    label the rollouts and score the steps (`factory.labelers.process.rollout_scores`).
 5. Report `error_drop_rate` (the share of located samples whose score drops
    at or before the located step) and, as a chance baseline, the same rate on
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from factory.generators.sampling import SamplingConfig, problems_to_sample, sample_rationales
-    from factory.generators.steps import StepsConfig, label_rows, mc_rollouts
+    from factory.generators.continuations import StepsConfig, label_rows, mc_rollouts
     from factory.labelers.process import error_drop_rate, rollout_scores, solve_rates
     from factory.lineage import model_id as model_id_of
     from factory.lineage import read_table
     from factory.modeling import load_model
-    from factory.steps import split_steps
+    from factory.reasoning_steps import split_steps
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,14 +2,14 @@
 
 GSM8K rationales carry calculator annotations such as ``<<48/2=24>>``: the
 left-hand side is an arithmetic expression and the right-hand side its result.
-This module serves twice (see DESIGN.md, "Answers and the calculator"):
+This module serves twice (README, "Answers and the calculator"):
 
 * at decoding time, :func:`calculator_result` turns the text after ``<<`` and
   before ``=`` into the result text to force (or ``None`` to leave the model
   alone); it never raises;
 * after the fact, :func:`check_annotations` checks every annotation of a
   rationale and locates the first wrong step (0-based, as in
-  :mod:`factory.steps`).
+  :mod:`factory.reasoning_steps`).
 
 How :func:`evaluate` stays safe
 -------------------------------
@@ -56,7 +56,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 __all__ = [
     "CalculatorError",
@@ -401,7 +401,7 @@ class Annotation:
     """One ``<<lhs=rhs>>`` annotation.
 
     `step` is the 0-based step index, ``step_index_at(text, start)`` from
-    :mod:`factory.steps`; `value` the
+    :mod:`factory.reasoning_steps`; `value` the
     lhs value (None when it cannot be evaluated); `ok` is True (matches),
     False (wrong, or rhs unparseable) or None (invalid: no ``=`` or lhs
     refused); `error` says why when `ok` is not True.
@@ -482,7 +482,7 @@ def check_annotations(text: str) -> AnnotationCheck:
     try:
         if not isinstance(text, str):
             text = str(text)
-        # step == factory.steps.step_index_at(text, match.start()) (the tests
+        # step == factory.reasoning_steps.step_index_at(text, match.start()) (the tests
         # check this), computed incrementally:
         # calling it per annotation is quadratic in the text length, while the
         # steps before a line are those before the previous annotated line

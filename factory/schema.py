@@ -114,7 +114,7 @@ PROCESS = pa.schema(
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("problem_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),  # rollouts (Monte Carlo) | prm (the process reward model)
-        pa.field("step_scores", pa.list_(pa.float64()), nullable=False),  # one per step (factory.steps indexing)
+        pa.field("step_scores", pa.list_(pa.float64()), nullable=False),  # one per step (factory.reasoning_steps indexing)
         pa.field("step_labels", pa.list_(pa.bool_())),  # rollouts: score above the threshold; null for prm
         pa.field("path_reward", pa.float64(), nullable=False),  # mean or min of step_scores (params prm.aggregate)
         pa.field("n_rollouts", pa.int32()),  # rollouts per step prefix; null for prm

@@ -26,7 +26,7 @@ from factory.problems.arith import (
     render_rationale,
 )
 from factory.schema import from_rows
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 from factory.calculator import check_annotations
 

@@ -21,7 +21,7 @@ from factory.calculator import (
     evaluate,
     format_result,
 )
-from factory.steps import step_index_at
+from factory.reasoning_steps import step_index_at
 
 # Hypothesis deadline: a guard against hangs (e.g. 9**9**9 actually computed), not a speed target.
 HANG_GUARD_MS = 2000

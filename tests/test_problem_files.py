@@ -11,7 +11,7 @@ from factory.answers import extract_answer
 from factory.ids import content_id
 from factory.problems.files import ProblemSourceError, load_gsm8k, load_hf, load_jsonl
 from factory.schema import DROPPED, PROBLEMS, from_rows
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE = FIXTURES / "gsm8k_sample.jsonl"

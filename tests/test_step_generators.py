@@ -15,7 +15,7 @@ from factory.generators.decoding import (
     generate,
     token_texts,
 )
-from factory.generators.steps import (
+from factory.generators.continuations import (
     StepsConfig,
     choose_rollout_samples,
     label_rows,
@@ -27,7 +27,7 @@ from factory.labelers.gold import gold_labels
 from factory.labelers.process import error_drop_rate, rollout_scores
 from factory.modeling import format_prompt
 from factory.schema import from_rows
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 BIAS, SEED = 4.0, 1  # a newline bias and a seed with which the tiny model writes several lines
 QUESTION = "Ann had 20 coins and gave away 5. Then she found 2. How many coins?"

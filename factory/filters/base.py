@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.filters.json_rows import canonical_json_rows
+from factory.arrow import canonical_json_rows
 from factory.ids import canonical_json
 from factory.schema import DROPPED
 

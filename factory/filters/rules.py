@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from factory.filters.base import Filter, GroupFilter, Verdict
 from factory.filters.similarity import jaccard as bulk_jaccard
 from factory.filters.similarity import word_bitsets
-from factory.labelers.columnar import as_array
+from factory.arrow import as_array
 from factory.text import jaccard, word_set
 
 

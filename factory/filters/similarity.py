@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.labelers.columnar import as_array, threads, unusual_rows
+from factory.arrow import as_array, threads, unusual_rows
 from factory.text import word_set
 
 CHUNK_ROWS = 8192  # rows per chunk (whole groups): small enough for cache-resident hash tables

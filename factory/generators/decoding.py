@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from factory.calculator import calculator_result
 from factory.modeling import end_of_turn_id
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ class StepTemperature:
     """A per-step temperature schedule (SCDPO, Lu et al. 2024): step i is sampled at min(start + step*i, max).
 
     Step i is the i-th non-empty line of the *generated* text (0-based; the
-    `#### N` line is not a step, as in `factory.steps`). Values are rounded to
+    `#### N` line is not a step, as in `factory.reasoning_steps`). Values are rounded to
     12 decimals so that 1.1 + 0.1*1 is 1.2, not 1.2000000000000002.
 
     >>> schedule = StepTemperature(1.1, 0.1, 1.4)
@@ -317,7 +317,7 @@ def _new_cache(model, capacity: int):
 
 
 def _ends_a_step(text: str) -> bool:
-    """Whether `text` holds a complete non-empty line: one step written (`factory.steps`)."""
+    """Whether `text` holds a complete non-empty line: one step written (`factory.reasoning_steps`)."""
     return any(line.strip() for line in text.split("\n")[:-1])
 
 
@@ -485,7 +485,7 @@ def generate(
     Prompts are sorted by length and batched, so rows of a batch need little
     padding; results come back in the input order. With `step_temperature`
     (step-controlled continuations), `config.temperature` is not used: a row
-    samples its i-th generated step (non-empty line, `factory.steps`) at
+    samples its i-th generated step (non-empty line, `factory.reasoning_steps`) at
     `step_temperature.at(i)`, with the same per-row noise as without it.
     With `stop_at_step_end` (tree search), a row stops after its first
     non-empty line, finish_reason "step" (the final-answer line still ends it

@@ -1,7 +1,7 @@
 """Monte Carlo tree search over reasoning steps (MCTS-DPO, Xie et al. 2024).
 
 A node is a step prefix: the root is the question, each child one more step
-(a non-empty line, `factory.steps`; the `#### N` line is a node of its own).
+(a non-empty line, `factory.reasoning_steps`; the `#### N` line is a node of its own).
 One search round, for every unfinished tree at once:
 
 1. **select**: from the tree's current root, descend by PUCT,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.labelers.calculator import calculator_columns
+from factory.labelers.annotations import calculator_columns
 from factory.labelers.canonical import canonical_column
 from factory.labelers.gold import gold_columns
 from factory.labelers.vote import vote_columns, vote_table

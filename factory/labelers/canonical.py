@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.answers import normalize_number, number_value
-from factory.labelers.columnar import as_array
+from factory.arrow import as_array
 from factory.labelers.symbolic import TIMEOUT, default_verifier
 
 # What normalize_number writes: an integer, a terminating decimal, or p/q.

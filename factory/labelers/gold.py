@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.answers import extract_answer, plain_status
-from factory.labelers.columnar import as_array, in_chunks, unusual_rows
+from factory.arrow import as_array, in_chunks, unusual_rows
 from factory.labelers.symbolic import judge
 from factory.schema import ANSWER_STATUSES as STATUSES
 

@@ -1,6 +1,6 @@
 """Process labels: step scores of a sample from Monte Carlo rollouts (SIPF, Chen et al. 2025).
 
-A sample with n steps (`factory.steps`, 0-based) gets one score per step:
+A sample with n steps (`factory.reasoning_steps`, 0-based) gets one score per step:
 step i < n-1 scores the share of the rollouts from its prefix (the first i+1
 steps, `prefix_steps` = i+1) whose final answer is correct; the last step
 scores the sample's own correctness (1.0 or 0.0). A step is good when its
@@ -17,9 +17,9 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from factory.generators.steps import StepsConfig, _rows, choose_rollout_samples
+from factory.generators.continuations import StepsConfig, _rows, choose_rollout_samples
 from factory.schema import from_rows
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 __all__ = ["aggregate_scores", "error_drop_rate", "rollout_scores"]
 

@@ -55,7 +55,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from factory.answers import RELATIVE_TOLERANCE, normalize_number, number_value
-from factory.labelers.columnar import threads
+from factory.arrow import threads
 
 __all__ = ["TIMEOUT", "Verifier", "default_verifier", "judge"]
 

@@ -12,7 +12,7 @@ How a record becomes a problem:
   a broken source should stop the pipeline, not shrink it.
 - ``answer`` is optional. Text containing ``####`` is GSM8K format: the gold
   answer is what follows the last ``####``, the gold rationale is the whole
-  text as it is, and ``n_steps`` counts its steps (`factory.steps.split_steps`;
+  text as it is, and ``n_steps`` counts its steps (`factory.reasoning_steps.split_steps`;
   a text with no step before ``####`` is a bare answer: no rationale, no
   n_steps). Other text, or a number, is a bare final answer. Missing or null:
   an unlabeled problem (gold_answer None).
@@ -58,7 +58,7 @@ from typing import Any
 
 from factory.answers import extract_answer, find_numbers, looks_like_math, normalize_number, number_value, read_answer
 from factory.ids import content_id
-from factory.steps import FINAL_ANSWER_MARKER, split_steps
+from factory.reasoning_steps import FINAL_ANSWER_MARKER, split_steps
 
 __all__ = ["ProblemSourceError", "dropped_path", "load_gsm8k", "load_hf", "load_jsonl", "unknown_problem"]
 

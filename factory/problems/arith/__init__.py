@@ -70,7 +70,7 @@ from factory.ids import content_id
 from factory.problems.arith.families import BUILDERS
 from factory.problems.arith.program import Program, Redraw, Step, render_rationale
 from factory.problems.arith.story import ITEMS, NAMES, Story, add_distractors
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 __all__ = [
     "DEFAULT_SIZES",

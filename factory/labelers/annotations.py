@@ -1,7 +1,7 @@
 """Calculator labeler: check every `<<lhs=rhs>>` annotation after the fact, and count the steps.
 
 `calculator_labels` is the reference, one text at a time
-(`factory.calculator.check_annotations`, `factory.steps.split_steps`).
+(`factory.calculator.check_annotations`, `factory.reasoning_steps.split_steps`).
 `calculator_columns` gives the same values for a whole Arrow column:
 
 - steps: lines are found in the text's bytes; a text with a control byte other
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.calculator import check_annotations
-from factory.labelers.columnar import in_chunks, newlines_and_unusual_rows, utf8_buffers
-from factory.steps import split_steps, step_index_at
+from factory.arrow import in_chunks, newlines_and_unusual_rows, utf8_buffers
+from factory.reasoning_steps import split_steps, step_index_at
 
 COLUMNS = ("n_steps", "calc_total", "calc_wrong", "calc_invalid", "first_error_step")
 

@@ -1,6 +1,6 @@
 """Step-level generators: step-controlled negatives (SCDPO) and Monte Carlo rollouts (SIPF).
 
-Both continue a sample from one of its step prefixes (`factory.steps`: a step
+Both continue a sample from one of its step prefixes (`factory.reasoning_steps`: a step
 is a non-empty line, the `#### N` line is not one, indices are 0-based):
 
 - `step_controlled_negatives` (Lu et al. 2024, SCDPO): from a correct sample,
@@ -30,7 +30,7 @@ from factory.generators.decoding import DecodingConfig, StepTemperature, generat
 from factory.ids import content_hash, content_id
 from factory.labelers.gold import gold_labels
 from factory.modeling import format_prompt
-from factory.steps import prefix_text, split_steps
+from factory.reasoning_steps import prefix_text, split_steps
 
 __all__ = [
     "CUTS",
@@ -63,7 +63,7 @@ class StepsConfig:
     negatives_per_problem: int = 2
     # SIPF: Monte Carlo rollouts
     rollouts: int = 4  # M continuations per step prefix
-    rollout_samples: int = 200  # samples that get rollouts (0: all)
+    rollout_samples: int = 300  # samples that get rollouts (0: all)
     rollout_temperature: float = 0.7
     good_threshold: float = 0.0  # a step is good when its score is above this
     aggregate: str = "mean"  # path reward from step scores: mean | min
