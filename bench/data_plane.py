@@ -21,7 +21,8 @@ not Parquet reading or writing):
 - baseline: the same logic as a straightforward per-row Python program (for
   loops over dict rows, in the style of the papers' scripts) written below,
   calling the project's per-item reference functions (`extract_answer`,
-  `answer_status`, `check_annotations`, `split_steps`, `word_set`, `jaccard`).
+  `answer_status`, `check_annotations`, `split_steps`), and for pairs the
+  library's per-row reference rule (`dpo_st_pairs`), not a copy of it.
 
 Each side runs `--repeats` times, alternated, and the medians are compared
 (on this shared machine single runs vary by 10-20%). The first run's outputs
@@ -50,12 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 from factory.answers import answer_status, extract_answer  # noqa: E402
 from factory.calculator import check_annotations  # noqa: E402
 from factory.filters import FilterConfig, run_filters  # noqa: E402
-from factory.ids import canonical_json, content_id  # noqa: E402
+from factory.ids import canonical_json  # noqa: E402
 from factory.labelers import label_samples, vote_table  # noqa: E402
-from factory.labelers.columnar import threads  # noqa: E402
-from factory.pairs import GOLD, SKIP_REASONS, PairsConfig, pairs_table  # noqa: E402
+from factory.arrow import threads  # noqa: E402
+from factory.pairs import PairsConfig, pairs_table  # noqa: E402
+from factory.recipes.dpo_st import PAIRS as DPO_ST_RULE  # noqa: E402
+from factory.recipes.dpo_st import dpo_st_pairs  # noqa: E402
 from factory.schema import DROPPED, LABELS, PROBLEMS, SAMPLES, VOTES, from_rows  # noqa: E402
-from factory.steps import split_steps  # noqa: E402
+from factory.reasoning_steps import split_steps  # noqa: E402
 from factory.text import jaccard, word_set  # noqa: E402
 
 ITERATION = 1
@@ -344,41 +347,8 @@ def baseline_filters(samples: list[dict], labels: list[dict], config: FilterConf
 
 def baseline_pairs(problems: list[dict], samples: list[dict], labels: list[dict],
                    config: PairsConfig) -> tuple[list[dict], dict]:
-    problem_of = {p["problem_id"]: p for p in problems}
-    correct = {label["sample_id"]: label["correct"] for label in labels}
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    for sample in samples:
-        by_problem[sample["problem_id"]].append(sample)
-    rows, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
-    for problem_id in sorted(by_problem):
-        group = sorted(by_problem[problem_id], key=lambda s: s["sample_id"])
-        positives = [(s["sample_id"], s["text"]) for s in group if correct[s["sample_id"]] is True]
-        negatives = [(s["sample_id"], s["text"]) for s in group if correct[s["sample_id"]] is False]
-        problem = problem_of[problem_id]
-        if config.include_gold and problem["gold_rationale"]:
-            positives.append((None, problem["gold_rationale"]))
-        if not positives or not negatives:
-            skipped["no_positive" if not positives else "no_negative"] += 1
-            continue
-        words = {text: word_set(text) for _, text in positives + negatives}
-        scored = sorted(((jaccard(words[c], words[r]), c_id, c, r_id, r) for c_id, c in positives
-                         for r_id, r in negatives), key=lambda s: (s[0], s[1] or "", s[3]))
-        prompt = PROMPT.format(problem["question"])
-        for _, chosen_id, chosen, rejected_id, rejected in scored[: config.pairs_per_problem]:
-            rows.append({"pair_id": content_id("pair", config.recipe, ITERATION, problem_id, chosen_id or GOLD,
-                                               rejected_id),
-                         "problem_id": problem_id, "iteration": ITERATION, "recipe": config.recipe, "prompt": prompt,
-                         "chosen": chosen, "rejected": rejected, "chosen_sample_id": chosen_id,
-                         "rejected_sample_id": rejected_id, "weight": 1.0})
-    weights = [row["weight"] for row in rows]
-    summary = {
-        "recipe": config.recipe, "iteration": ITERATION, "problems_seen": len(by_problem),
-        "problems_with_pairs": len({row["problem_id"] for row in rows}), "pairs": len(rows),
-        "pairs_with_gold": sum(row["chosen_sample_id"] is None for row in rows),
-        "mean_weight": round(sum(weights) / len(weights), 4) if weights else None, "skipped": skipped,
-        "unjudged_samples": sum(correct[s["sample_id"]] is None for s in samples),
-    }
-    return rows, summary
+    """The library's per-row reference of the DPO-ST rule (`factory.recipes.dpo_st.dpo_st_pairs`)."""
+    return dpo_st_pairs(problems, samples, labels, prompt_for=PROMPT.format, iteration=ITERATION, config=config)
 
 
 # --- both sides, timed and compared ----------------------------------------------------------------
@@ -395,8 +365,8 @@ def factory(problems: pa.Table, samples: pa.Table, filter_config: FilterConfig,
     timer.lap("label")
     kept, dropped, counts = run_filters(samples, labels, filter_config)
     timer.lap("filter")
-    pairs, summary = pairs_table(problems, kept, labels, prompt_for=PROMPT.format, iteration=ITERATION,
-                                 config=pairs_config)
+    pairs, summary = pairs_table(DPO_ST_RULE, problems, kept, labels, prompt_for=PROMPT.format,
+                                 iteration=ITERATION, config=pairs_config)
     timer.lap("pairs")
     return {"labels": labels, "votes": votes, "kept": kept, "dropped": dropped, "counts": counts, "pairs": pairs,
             "summary": summary}, timer.seconds

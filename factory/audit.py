@@ -8,7 +8,7 @@ provenance declares), each with `iteration` (from the `iter_K` folder; null for
 tables outside one) and `file` columns. Two more views describe the files
 themselves: `models` (one row per model folder's lineage.json) and `files`
 (one row per Parquet file with its provenance). Four macros help checks:
-`words(text)`, `ngrams(text, n)`, `steps(text)` (`factory.steps.split_steps`
+`words(text)`, `ngrams(text, n)`, `steps(text)` (`factory.reasoning_steps.split_steps`
 with its newline delimiter) and `gold_recipe(recipe)`.
 
 `catalog` is writable and unconfined (export, lineage and the report build on
@@ -39,10 +39,9 @@ from pathlib import Path
 import duckdb
 
 from factory.lineage import MODEL_LINEAGE_FILE, read_model_lineage, read_provenances
+from factory.recipes import gold_judged_rules
 
 _ITERATION = re.compile(r"(?:^|/)iter_(\d+)(?:/|$)")
-# Recipes whose pairs are judged against gold answers (scpo_semi: where the problem has one).
-GOLD_RECIPES = ("dpo_st", "dpo", "scpo_semi", "scdpo")
 FORMATS = ("table", "csv", "json")
 
 
@@ -160,18 +159,23 @@ def _view_sql(root: Path, files: Sequence[TableFile]) -> str:
     return "\nUNION ALL BY NAME\n".join(parts)
 
 
-_MACROS = f"""
+_MACROS = """
 CREATE MACRO words(text) AS
     list_filter(list_transform(string_split_regex(regexp_replace(lower(text), '[^a-z0-9$.%]+', ' ', 'g'), ' '),
                                lambda w: trim(w, '.')), lambda w: w <> '');
 CREATE MACRO ngrams(text, n) AS  -- the one-element list binds words(text) once (a macro argument is re-evaluated per use)
     list_transform([words(text)], lambda ws: list_transform(range(1, greatest(len(ws) - n + 2, 1)),
                                                             lambda i: array_to_string(list_slice(ws, i, i + n - 1), ' ')))[1];
-CREATE MACRO steps(text) AS  -- factory.steps.split_steps: non-empty stripped lines, the `####` line excluded
+CREATE MACRO steps(text) AS  -- factory.reasoning_steps.split_steps: non-empty stripped lines, the `####` line excluded
     list_filter(list_transform(string_split(text, chr(10)), lambda l: trim(l, ' ' || chr(9) || chr(11) || chr(12) || chr(13))),
                 lambda l: l <> '' AND NOT starts_with(l, '####'));
-CREATE MACRO gold_recipe(recipe) AS recipe IN ({", ".join(sql_literal(r) for r in GOLD_RECIPES)});
 """
+
+
+def _macros() -> str:
+    """The SQL macros; `gold_recipe` holds the pair rules the registry marks gold-judged (rows' `recipe` = rule)."""
+    rules = ", ".join(sql_literal(rule) for rule in gold_judged_rules())
+    return _MACROS + f"CREATE MACRO gold_recipe(recipe) AS recipe IN ({rules});\n"
 
 
 def catalog(
@@ -205,7 +209,7 @@ def _models(root: Path, models_dir: str, iterations: Iterable[int] | None) -> li
 
 def _fill(con: duckdb.DuckDBPyConnection, root: Path, files: Sequence[TableFile], models: Sequence[dict]) -> None:
     """The macros, a view per table kind over its files, and the `models` and `files` tables."""
-    con.execute(_MACROS)
+    con.execute(_macros())
     by_view: dict[str, list[TableFile]] = {}
     for table_file in files:
         if table_file.view:

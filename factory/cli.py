@@ -23,9 +23,12 @@ def _params(args) -> dict:
     """
     from factory.params import load_params, with_iteration
 
+    from factory.params import validate_params
+
     if args.params == DEFAULT_PARAMS and not Path(args.params).exists():
         return {}
     params = load_params(args.params)
+    validate_params(params, path=args.params)  # the whole file, before any work
     iteration = getattr(args, "iteration", None)
     return params if iteration is None else with_iteration(params, iteration, path=args.params)
 
@@ -176,9 +179,9 @@ def cmd_warmup(args) -> None:
 
 
 def cmd_train(args) -> None:
-    """One iteration's training step for a recipe: dpo_st, self_train, sft (the gold-only control), scpo, scpo_semi, dpo, scdpo, sipf_orpo, mcts_dpo.
+    """One iteration's training step: the recipe's own (params `recipe`; `factory recipe --list` lists them).
 
-    Reads params `recipe` (--recipe overrides it), `sample`, `filter`, `dpo`, `self_train` and `orpo`.
+    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
     from factory.filters import FilterConfig
@@ -186,36 +189,45 @@ def cmd_train(args) -> None:
     from factory.io import write_json
     from factory.params import section
     from train.dpo import DPOTrainConfig
-    from train.iteration import PREFERENCE_ONLY, SelfTrainConfig, check_recipe, train_iteration
+    from train.iteration import Iteration, SelfTrainConfig
     from train.orpo import ORPORunConfig
 
     params = _params(args)
-    recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
+    recipe = _recipe(args, params)
     sampling = section(params, "sample", SamplingConfig, path=args.params)
-    if recipe not in (*PREFERENCE_ONLY, "sft"):  # a second round of sampling follows DPO: fail before DPO, not after
+    if recipe.samples_again:  # a second round of sampling follows DPO: fail before DPO, not after
         check_backend(sampling)
-    summary = train_iteration(
-        recipe=recipe, iteration=args.iteration, problems_path=args.problems, prev_dir=args.prev,
+    iteration = Iteration(
+        recipe=recipe.name, iteration=args.iteration, problems_path=args.problems, prev_dir=args.prev,
         base_dir=args.base, pairs_path=args.pairs, samples_path=args.samples, labels_path=args.labels,
-        work=args.work, out_dir=args.out,
-        sampling=sampling,
+        work=Path(args.work), out=Path(args.out), sampling=sampling,
         filter_config=section(params, "filter", FilterConfig, path=args.params),
         dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
         self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
         orpo_config=section(params, "orpo", ORPORunConfig, path=args.params),
-    )
+        pair_rule=recipe.pairs.name if recipe.pairs else None)
+    summary = recipe.train(iteration)
     if args.summary:
         write_json(args.summary, summary)
     if sft := summary.get("sft"):
-        print(f"{args.out}: model {summary['model_id']} ({recipe}), SFT on {sft['examples']} examples for "
+        print(f"{args.out}: model {summary['model_id']} ({recipe.name}), SFT on {sft['examples']} examples for "
               f"{sft['steps']} steps, dev accuracy {sft['dev_accuracy']:.3f} at step {sft['best_step']}")
     elif orpo := summary.get("orpo"):
-        print(f"{args.out}: model {summary['model_id']} ({recipe}), ORPO on {orpo['pairs']} pairs "
+        print(f"{args.out}: model {summary['model_id']} ({recipe.name}), ORPO on {orpo['pairs']} pairs "
               f"from {orpo['pairs_files']} iteration(s)")
     else:
         dpo = summary["dpo"]
-        print(f"{args.out}: model {summary['model_id']} ({recipe}), weighted DPO on {dpo['pairs']} pairs"
+        print(f"{args.out}: model {summary['model_id']} ({recipe.name}), weighted DPO on {dpo['pairs']} pairs"
               + (f" ({dpo['skipped']})" if "skipped" in dpo else f", reward accuracy {dpo['reward_accuracy']}"))
+
+
+def _recipe(args, params: dict):
+    """The recipe a command runs: --recipe (a hand run's override), else params `recipe`, checked against params."""
+    from factory.recipes import check_params, get_recipe
+
+    if getattr(args, "recipe", None):
+        return get_recipe(args.recipe)
+    return check_params(params, path=args.params) if params else get_recipe("dpo_st")
 
 
 def cmd_dpo(args) -> None:
@@ -372,28 +384,21 @@ def cmd_sample(args) -> None:
 
 
 def cmd_steps(args) -> None:
-    """Make the step-level data of a recipe: SCDPO's step-controlled continuations, SIPF's rollouts and PRM, or MCTS-DPO's search trees.
+    """Make the recipe's step-level data: SCDPO's step-controlled continuations, SIPF's rollouts and PRM, or MCTS-DPO's search trees.
 
-    Reads params `recipe` (--recipe overrides it), `steps`, `prm` and `mcts`. For other recipes it writes the
-    same tables, empty. Output folder: samples.parquet (generated rows), labels.parquet, process.parquet
-    (step scores), nodes.parquet (mcts_dpo's tree nodes), and prm/ (sipf_orpo's process reward model).
-    Example: factory steps --recipe scdpo --model models/iter_0 --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --iteration 1 --out data/iter_1/steps
+    The recipe (params `recipe`) makes them and reads its own params sections (`steps`, `prm`, `mcts`); for a
+    recipe without step data it writes the same tables, empty. Output folder: samples.parquet (generated rows),
+    labels.parquet, process.parquet (step scores), nodes.parquet (tree nodes), and prm/ (a process reward model).
+    Example: factory steps --model models/iter_0 --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --iteration 1 --out data/iter_1/steps
     """
-    from factory.generators.steps import StepsConfig
-    from factory.generators.tree import MCTSConfig
     from factory.io import write_json
-    from factory.params import section
     from factory.step_stage import run_steps
-    from train.iteration import check_recipe
-    from train.prm import PRMConfig
 
     params = _params(args)
-    recipe = check_recipe(args.recipe or params.get("recipe", "dpo_st"))
+    recipe = _recipe(args, params)
     summary = run_steps(recipe=recipe, model_dir=args.model, problems_path=args.problems, samples_path=args.samples,
-                        labels_path=args.labels, iteration=args.iteration, out=args.out,
-                        steps_config=section(params, "steps", StepsConfig, path=args.params),
-                        prm_config=section(params, "prm", PRMConfig, path=args.params),
-                        mcts_config=section(params, "mcts", MCTSConfig, path=args.params))
+                        labels_path=args.labels, iteration=args.iteration, out=args.out, params=params,
+                        params_path=str(args.params))
     if args.summary:
         write_json(args.summary, summary)
     generated, search = summary.get("generated"), summary.get("search")
@@ -404,24 +409,28 @@ def cmd_steps(args) -> None:
         made = f"{generated['rows']} generated rows ({generated['tokens']} tokens) from {generated['parents']} samples"
     else:
         made = "no step-level data"
-    print(f"{args.out}: {recipe}: {made}")
+    print(f"{args.out}: {recipe.name}: {made}")
 
 
 def cmd_pairs(args) -> None:
     """Make preference pairs (TRL's prompt/chosen/rejected format) from labelled samples.
 
-    Reads params `pairs` when the params file exists or is named; --recipe overrides it.
-    Example: factory pairs --recipe dpo_st --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --model models/iter_0 --iteration 1 --out data/iter_1/pairs.parquet
+    The recipe's pair rule (params `recipe`) makes them, with params `pairs` and the rule's own sub-section.
+    Example: factory pairs --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --model models/iter_0 --iteration 1 --out data/iter_1/pairs.parquet
     """
     from factory.ids import content_hash
     from factory.io import read_rows_table, write_json
     from factory.lineage import model_id, read_table, write_table
-    from factory.pairs import PairsConfig, check_inputs, pairs_table, with_recipe
-    from factory.params import as_dict, section
+    from factory.pairs import check_inputs, pairs_table
+    from factory.params import as_dict
+    from factory.recipes import pairs_settings
     from factory.step_stage import read_step_data
 
-    config = with_recipe(section(_params(args), "pairs", PairsConfig, path=args.params),
-                         args.recipe)
+    params = _params(args)
+    recipe = _recipe(args, params)
+    if recipe.pairs is None:
+        raise ValueError(f"recipe {recipe.name!r} trains on no pairs; its pairs stage has nothing to make")
+    config = pairs_settings(recipe.pairs, params, path=args.params)
     problems_table, samples_table = read_table(args.problems, "problems"), read_rows_table(args.samples)
     labels_table = read_table(args.labels, "labels")
     problems, samples, labels = problems_table.to_pylist(), samples_table.to_pylist(), labels_table.to_pylist()
@@ -438,10 +447,10 @@ def cmd_pairs(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt_for = lambda question: format_prompt(tokenizer, question)  # noqa: E731
-    pairs, summary = pairs_table(problems_table, samples_table, labels_table, prompt_for=prompt_for,
+    pairs, summary = pairs_table(recipe.pairs, problems_table, samples_table, labels_table, prompt_for=prompt_for,
                                  iteration=args.iteration, config=config, steps=read_step_data(args.steps))
     # The prompt format is part of what made the rows: record it (not the whole model's weights).
-    record = {"pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
+    record = {"recipe": recipe.name, "pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
               "prompt_format": content_hash(prompt_for("{question}"))}
     inputs = {"problems": args.problems, "samples": args.samples, "labels": args.labels}
     if args.steps:
@@ -451,7 +460,7 @@ def cmd_pairs(args) -> None:
     if args.summary:
         write_json(args.summary, summary)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items())
-    print(f"{args.out}: {summary['pairs']} {config.recipe} pairs from {summary['problems_with_pairs']} of "
+    print(f"{args.out}: {summary['pairs']} {config.rule} pairs from {summary['problems_with_pairs']} of "
           f"{summary['problems_seen']} problems (skipped: {skipped})")
 
 
@@ -487,6 +496,31 @@ def cmd_report(args) -> None:
         print(f"{args.screenshot}: the report as Chromium renders it")
 
 
+def cmd_recipe(args) -> None:
+    """Print a recipe (paper, settings, stages) and the `dvc exp run -S ...` line that runs it; or switch params to it.
+
+    With --write, params.yaml gets `recipe: NAME` and the recipe's settings; settings other recipes need go back
+    to their defaults (comments and layout are kept). Then `dvc repro` runs the recipe as its paper sets it up.
+    Example: factory recipe scpo --write && dvc repro
+    """
+    from factory.recipes import base, describe, get_recipe, replace_settings
+
+    if args.list or not args.name:
+        width = max(map(len, base.RECIPES))
+        for recipe in base.RECIPES.values():
+            print(f"{recipe.name:<{width}}  {recipe.paper}: {recipe.summary}")
+        return
+    recipe = get_recipe(args.name)
+    print(describe(recipe))
+    if args.write:
+        from factory.params import load_params, update_params, validate_params
+
+        changes = replace_settings(load_params(args.params), recipe)
+        update_params(args.params, changes)
+        validate_params(load_params(args.params), path=args.params)
+        print(f"{args.params}: " + ", ".join(f"{key}={value}" for key, value in changes.items()))
+
+
 def cmd_compare(args) -> None:
     """Run recipes over seeds as DVC experiments and print accuracy per iteration with paired differences.
 
@@ -495,9 +529,9 @@ def cmd_compare(args) -> None:
     """
     from factory.compare import baseline_key, format_summary, run_experiments, summarize
     from factory.io import write_json
-    from train.iteration import check_recipe
+    from factory.recipes import get_recipe
 
-    recipes = [check_recipe(r) for r in args.recipes.split(",")]
+    recipes = [get_recipe(r).name for r in args.recipes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = run_experiments(recipes, seeds, out=args.out)
     summaries = {split: summarize(results, split) for split in ("test", "test_ood")}
@@ -606,6 +640,8 @@ def cmd_push(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from factory.recipes import RECIPES
+
     parser = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -645,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `dpo` section)")
 
-    p = command("train", cmd_train, "one iteration's training step (dpo_st, self_train or the sft control)")
-    p.add_argument("--recipe", help="dpo_st | self_train | sft | scpo | scpo_semi | dpo | scdpo | sipf_orpo | mcts_dpo (default: params `recipe`)")
+    p = command("train", cmd_train, "one iteration's training step: the recipe's (" + ", ".join(RECIPES) + ")")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a hand run's recipe (default: params `recipe`): " + " | ".join(RECIPES))
     p.add_argument("--iteration", type=int, required=True, help="this iteration's number")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--prev", required=True, help="previous iteration's model folder")
@@ -694,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads its `filter` section)")
 
     p = command("pairs", cmd_pairs, "make preference pairs from labelled samples")
-    p.add_argument("--recipe", help="pairing recipe (default: params pairs.recipe, else dpo_st)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a hand run's recipe, whose pair rule makes the pairs (default: params `recipe`)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--samples", required=True, help="samples Parquet or JSONL (after filtering)")
     p.add_argument("--labels", required=True, help="labels Parquet covering every sample")
@@ -707,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("steps", cmd_steps, "step-level data: step-controlled continuations (scdpo), rollouts and a PRM "
                 "(sipf_orpo), search trees (mcts_dpo)")
-    p.add_argument("--recipe", help="scdpo | sipf_orpo | mcts_dpo | any other recipe: empty tables "
-                   "(default: params `recipe`)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a hand run's recipe (default: params `recipe`); one without step data writes empty tables")
     p.add_argument("--model", required=True, help="the model that samples continuations and rollouts (the previous one)")
     p.add_argument("--problems", required=True, help="problems Parquet")
     p.add_argument("--samples", required=True, help="the iteration's kept samples")
@@ -728,8 +766,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="project folder holding data/ (for the report's tables)")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (reads `iterations`, `recipe`)")
 
+    p = command("recipe", cmd_recipe, "show a recipe and the command that runs it, or switch params.yaml to it")
+    p.add_argument("name", nargs="?", metavar="NAME", help=" | ".join(RECIPES))
+    p.add_argument("--list", action="store_true", help="list the recipes")
+    p.add_argument("--write", action="store_true", help="write `recipe: NAME` and its settings into params.yaml")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+
     p = command("compare", cmd_compare, "run recipes over seeds as DVC experiments and compare them")
-    p.add_argument("--recipes", default="sft,self_train,dpo_st", help="comma-separated, weakest (control) first")
+    p.add_argument("--recipes", default="sft,self_train,dpo_st",
+                   help="comma-separated, weakest (control) first: " + ", ".join(RECIPES))
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (sample, dpo and self_train seeds)")
     p.add_argument("--out", default="metrics/compare.json", help="JSON with every run and the summary")
 

@@ -4,7 +4,7 @@
 
 For each seed and recipe it runs the pipeline as a DVC experiment
 (`dvc exp run -S recipe=R -S sample.seed=S -S dpo.seed=S ...`, every seeded section, plus the
-recipe's own settings in `RECIPE_SETTINGS`: ScPO's pair rule and unlabeled problems),
+recipe's own settings from its module: ScPO's unlabeled problems, for example),
 reads `metrics/flywheel.json`, and prints accuracy per iteration per recipe,
 like the DPO-ST paper's table. The warm-up (iteration 0) is shared by every
 run; stages whose inputs did not change come from DVC's run cache, so the
@@ -26,27 +26,17 @@ import subprocess
 from pathlib import Path
 
 SEEDED_SECTIONS = ("sample", "dpo", "self_train", "steps", "prm", "orpo", "mcts")
-# What a recipe sets besides `recipe`: its pair rule and the problems it samples. Every recipe draws the same
-# samples per iteration: dpo_st and self_train 500 x 4 in `sample@k` plus a second round of 500 x 4; ScPO has
-# no second round, so it draws its 4,000 as 8 votes on each of 500 unlabeled problems (the semi-supervised
-# variant: 250 with gold answers and 250 without; `dpo`, its supervised counterpart, 8 on 500 with gold).
-# SCDPO samples 4 per problem and spends the rest of its budget on step-controlled continuations (at most
-# 2 parents x 4 attempts per problem, each only the steps after the cut); SIPF samples 4, keeps the
-# calculator-consistent ones and spends its budget on rollouts (300 samples x 4 per step prefix). MCTS-DPO
-# reads no samples: it draws 1 per problem (the problems it searches are the sampled ones) and spends the
-# rest on its trees (350 x about 650 generated tokens, mcts.problems).
-RECIPE_SETTINGS = {
-    "dpo": ("sample.n=8",),
-    "scdpo": ("pairs.recipe=scdpo",),
-    "sipf_orpo": ("pairs.recipe=sipf_orpo", "filter.calculator_consistent=true"),
-    "mcts_dpo": ("pairs.recipe=mcts_dpo", "sample.n=1"),
-    "scpo": ("pairs.recipe=scpo", "sample.split=unlabeled", "sample.n=8"),
-    "scpo_semi": ("pairs.recipe=scpo_semi", "sample.split=answers+unlabeled", "sample.limit=250", "sample.n=8"),
-}
+# Besides `recipe`, each run sets the recipe's own settings (`Recipe.needs` and `Recipe.setup` in its module under
+# factory/recipes/): the problems it samples and a sampling budget equal to the others'. Every recipe draws about
+# the same samples per iteration: dpo_st and self_train 500 x 4 in `sample@k` plus a second round of 500 x 4; ScPO
+# and `dpo` have no second round, so they draw 8 per problem; SCDPO, SIPF and MCTS-DPO spend the rest of their
+# budget on continuations, rollouts and search trees (`bench/results/README.md` has the token counts).
 
 
 def experiment_command(recipe: str, seed: int) -> list[str]:
-    settings = [f"recipe={recipe}", *RECIPE_SETTINGS.get(recipe, ())] \
+    from factory.recipes import get_recipe
+
+    settings = [f"recipe={recipe}"] + get_recipe(recipe).exp_run_flags() \
         + [f"{section}.seed={seed}" for section in SEEDED_SECTIONS]
     return ["dvc", "exp", "run"] + [arg for setting in settings for arg in ("-S", setting)]
 

@@ -36,8 +36,8 @@ class TinyModelConfig:
     """Size of the from-scratch Llama; read from params.yaml `model`."""
 
     vocab_size: int = 1024
-    hidden_size: int = 256
-    intermediate_size: int = 688
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
     max_length: int = 512

@@ -1,169 +1,130 @@
 """The `steps` stage (`factory steps`): the step-level data a recipe needs, between filter and pairs.
 
-    factory steps --recipe scdpo --model models/iter_0 --problems data/problems.parquet \
+    factory steps --model models/iter_0 --problems data/problems.parquet \
         --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --iteration 1 \
         --out data/iter_1/steps
 
-What it makes depends on the recipe (params `recipe`):
+The recipe (params `recipe`) makes the data with its `make_steps`
+(`factory.recipes`); this module gives every maker its inputs and writes the
+same four tables for every recipe, empty for those without step data, so the
+pipeline has one shape:
 
-- `scdpo`: step-controlled continuations of the correct kept samples
-  (`factory.generators.steps.step_controlled_negatives`), labelled.
-- `sipf_orpo`: Monte Carlo rollouts from each step prefix of a budgeted set of
-  kept samples (`mc_rollouts`), labelled; their step scores (`process` rows,
-  source "rollouts"); a process reward model trained on those step labels from
-  the sampling model (`train/prm.py`, saved in `prm/`); and the PRM's step
-  scores and path reward for every kept sample (source "prm").
-- `mcts_dpo`: a search tree per problem (`factory.generators.tree.tree_search`)
-  over the first `mcts.problems` problems the iteration sampled (in the
-  problems file's order), every node a `nodes` row.
-- any other recipe: the same four tables, empty, so the pipeline has one shape.
-
-Generated rows are ordinary `samples` rows with `parent_sample_id` and
-`prefix_steps`, so the audit's SQL sees them beside the samples they came from.
+- `samples.parquet`: generated rows (continuations, rollouts), ordinary
+  `samples` rows with `parent_sample_id` and `prefix_steps`, so the audit's SQL
+  sees them beside the samples they came from; `labels.parquet`: their labels;
+- `process.parquet`: step scores; `nodes.parquet`: search-tree nodes;
+- anything else the maker keeps in the folder (a process reward model in `prm/`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
-GENERATING_RECIPES = ("scdpo", "sipf_orpo")  # recipes whose step data are `samples` rows
-SAMPLES_FILE, LABELS_FILE, PROCESS_FILE, PRM_DIR = "samples.parquet", "labels.parquet", "process.parquet", "prm"
-NODES_FILE = "nodes.parquet"
+SAMPLES_FILE, LABELS_FILE, PROCESS_FILE, NODES_FILE = "samples.parquet", "labels.parquet", "process.parquet", \
+    "nodes.parquet"
 
 
-def _generated_tokens(rows: list[dict]) -> int:
-    return sum(row["n_tokens"] for row in rows)
+@dataclass(frozen=True, kw_only=True)
+class StepInputs:
+    """What a recipe's step maker reads: the sampling model, the iteration's tables and the params."""
+
+    model_dir: str
+    policy_id: str  # the sampling model's id (hashed once)
+    problems_path: str
+    samples_path: str
+    labels_path: str
+    iteration: int
+    out_dir: Path
+    params: dict  # the iteration's view of params.yaml
+    params_path: str
+
+    def section(self, name: str, cls: type) -> Any:
+        from factory.params import section
+
+        return section(self.params, name, cls, path=self.params_path)
 
 
-def run_steps(*, recipe: str, model_dir: str, problems_path: str, samples_path: str, labels_path: str,
-              iteration: int, out: str, steps_config, prm_config, mcts_config=None) -> dict:
-    """Write the recipe's step-level tables into `out`; returns the stage's summary."""
-    from factory.lineage import read_table, write_table
+@dataclass(kw_only=True)
+class StepTables:
+    """What a step maker made: rows of the stage's tables, the params it used and its summary."""
+
+    samples: list[dict] = dataclasses.field(default_factory=list)
+    labels: pa.Table | None = None
+    process: list[pa.Table] = dataclasses.field(default_factory=list)
+    nodes: list[dict] = dataclasses.field(default_factory=list)
+    params: dict = dataclasses.field(default_factory=dict)
+    summary: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratedRows:
+    """Generated `samples` rows and their gold labels, with what made them (for makers that go on from there)."""
+
+    tables: StepTables
+    problems: list[dict]
+    kept: list[dict]
+    labels: list[dict]
+    tokenizer: Any
+
+
+def generate_and_label(inputs: StepInputs, make: Callable[..., list[dict]], config) -> GeneratedRows:
+    """Run a generator over the iteration's kept samples (`make(model, tokenizer, problems, kept, labels, config,
+    model_id=, iteration=)`), then label what it made against gold."""
+    from factory.labelers import label_samples
+    from factory.lineage import read_table
+    from factory.modeling import load_model
     from factory.params import as_dict
+    from factory.schema import from_rows
+
+    problems_table = read_table(inputs.problems_path, "problems")
+    problems, kept = problems_table.to_pylist(), read_table(inputs.samples_path, "samples").to_pylist()
+    labels = read_table(inputs.labels_path, "labels").to_pylist()
+    model, tokenizer = load_model(inputs.model_dir)
+    generated = make(model, tokenizer, problems, kept, labels, config, model_id=inputs.policy_id,
+                     iteration=inputs.iteration)
+    generated_labels = label_samples(from_rows(generated, "samples"), problems_table,
+                                     samples_source=str(inputs.out_dir / SAMPLES_FILE), labelers=("gold",))
+    summary = {"generated": {"rows": len(generated), "tokens": sum(row["n_tokens"] for row in generated),
+                             "correct": sum(c is True for c in generated_labels.column("correct").to_pylist()),
+                             "parents": len({row["parent_sample_id"] for row in generated})}}
+    tables = StepTables(samples=generated, labels=generated_labels, params={"steps": as_dict(config)},
+                        summary=summary)
+    return GeneratedRows(tables=tables, problems=problems, kept=kept, labels=labels, tokenizer=tokenizer)
+
+
+def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, labels_path: str, iteration: int,
+              out: str, params: dict, params_path: str) -> dict:
+    """Write `recipe`'s step-level tables into `out` (empty ones when it has no maker); returns the summary."""
+    from factory.lineage import model_id, write_table
     from factory.schema import from_rows
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {"problems": problems_path, "samples": samples_path, "labels": labels_path}
-    summary: dict = {"recipe": recipe, "iteration": iteration}
-    generated: list[dict] = []
-    generated_labels = pa.table({})
-    process: list[pa.Table] = []
-    params: dict = {"recipe": recipe}
-    mid = None
-    if recipe in (*GENERATING_RECIPES, "mcts_dpo"):
-        from factory.lineage import model_id
-
+    made, mid = StepTables(), None
+    if recipe.make_steps is not None:
         mid = model_id(model_dir)  # hashes the weights: once
-    nodes: list[dict] = []
-    if recipe == "mcts_dpo":
-        nodes, summary["search"] = _search(model_dir=model_dir, policy_id=mid, problems_path=problems_path,
-                                           labels_path=labels_path, iteration=iteration, config=mcts_config)
-        params |= {"mcts": as_dict(mcts_config)}
-        summary["generated"] = {"rows": len(nodes), "tokens": summary["search"]["generated_tokens"],
-                                "correct": summary["search"]["correct_terminal_nodes"],
-                                "parents": summary["search"]["expansions"]}
-    if recipe in GENERATING_RECIPES:
-        from factory.generators import steps as step_generators
-        from factory.labelers import label_samples
-        from factory.modeling import load_model
-
-        params |= {"steps": as_dict(steps_config)}
-        problems_table = read_table(problems_path, "problems")
-        problems, kept = problems_table.to_pylist(), read_table(samples_path, "samples").to_pylist()
-        labels = read_table(labels_path, "labels").to_pylist()
-        model, tokenizer = load_model(model_dir)
-        make = step_generators.step_controlled_negatives if recipe == "scdpo" else step_generators.mc_rollouts
-        generated = make(model, tokenizer, problems, kept, labels, steps_config, model_id=mid, iteration=iteration)
-        generated_labels = label_samples(from_rows(generated, "samples"), problems_table,
-                                         samples_source=str(out_dir / SAMPLES_FILE), labelers=("gold",))
-        summary["generated"] = {"rows": len(generated), "tokens": _generated_tokens(generated),
-                                "correct": sum(c is True for c in generated_labels.column("correct").to_pylist()),
-                                "parents": len({row["parent_sample_id"] for row in generated})}
-        if recipe == "sipf_orpo":
-            params |= {"prm": as_dict(prm_config)}
-    write_table(from_rows(generated, "samples"), out_dir / SAMPLES_FILE, kind="samples", stage="steps",
-                params=params, inputs=inputs, model_id=mid)
-    labels_table = generated_labels if generated else from_rows([], "labels")
-    write_table(labels_table, out_dir / LABELS_FILE, kind="labels", stage="steps", params=params,
+        made = recipe.make_steps(StepInputs(model_dir=model_dir, policy_id=mid, problems_path=problems_path,
+                                            samples_path=samples_path, labels_path=labels_path, iteration=iteration,
+                                            out_dir=out_dir, params=params, params_path=params_path))
+    params_record = {"recipe": recipe.name} | made.params
+    write_table(from_rows(made.samples, "samples"), out_dir / SAMPLES_FILE, kind="samples", stage="steps",
+                params=params_record, inputs=inputs, model_id=mid)
+    labels_table = made.labels if made.samples else from_rows([], "labels")
+    write_table(labels_table, out_dir / LABELS_FILE, kind="labels", stage="steps", params=params_record,
                 inputs={"samples": out_dir / SAMPLES_FILE, "problems": problems_path})
-    if recipe == "sipf_orpo":
-        process, summary["process"] = _process_rewards(
-            model_dir=model_dir, problems=problems, kept=kept, labels=labels, rollouts=generated,
-            rollout_labels=generated_labels.to_pylist(), steps_config=steps_config, prm_config=prm_config,
-            out_dir=out_dir, policy_id=mid, tokenizer=tokenizer)
-    process_table = pa.concat_tables(process) if process else from_rows([], "process")
-    write_table(process_table, out_dir / PROCESS_FILE, kind="process", stage="steps", params=params,
+    process_table = pa.concat_tables(made.process) if made.process else from_rows([], "process")
+    write_table(process_table, out_dir / PROCESS_FILE, kind="process", stage="steps", params=params_record,
                 inputs=inputs | {"rollouts": out_dir / SAMPLES_FILE})
-    write_table(from_rows(nodes, "nodes"), out_dir / NODES_FILE, kind="nodes", stage="steps", params=params,
-                inputs={"problems": problems_path, "labels": labels_path}, model_id=mid)
-    return summary
-
-
-def _search(*, model_dir: str, policy_id: str, problems_path: str, labels_path: str, iteration: int,
-            config) -> tuple[list, dict]:
-    """MCTS-DPO's trees: one per problem the iteration sampled, the first `config.problems` with a gold answer."""
-    from factory.generators.tree import tree_search
-    from factory.lineage import read_table
-    from factory.modeling import load_model
-
-    sampled = set(read_table(labels_path, "labels").column("problem_id").to_pylist())
-    problems = [p for p in read_table(problems_path, "problems").to_pylist()
-                if p["problem_id"] in sampled and p["gold_answer"] is not None]
-    if config.problems:
-        problems = problems[: config.problems]
-    model, tokenizer = load_model(model_dir)
-    return tree_search(model, tokenizer, problems, config, model_id=policy_id, iteration=iteration)
-
-
-def _process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labels, steps_config, prm_config,
-                     out_dir: Path, policy_id: str, tokenizer) -> tuple[list[pa.Table], dict]:
-    """SIPF's process feedback: rollout step scores, a PRM trained on them, the PRM's scores of every kept sample."""
-    from factory.labelers.process import error_drop_rate, rollout_scores
-    from factory.lineage import model_id, write_model_lineage
-    from factory.modeling import format_prompt
-    from factory.params import as_dict
-    from factory.steps import split_steps
-    from train.prm import path_reward, score_steps, train_prm
-
-    scored = rollout_scores(kept, labels, rollouts, rollout_labels, steps_config, model_id=policy_id)
-    question = {p["problem_id"]: p["question"] for p in problems}
-    text = {s["sample_id"]: s["text"] for s in kept}
-    examples = [{"prompt": format_prompt(tokenizer, question[row["problem_id"]]),
-                 "steps": split_steps(text[row["sample_id"]], steps_config.delimiter),
-                 "labels": row["step_labels"], "scores": row["step_scores"]} for row in scored.to_pylist()]
-    summary: dict = {"rollout_scored_samples": scored.num_rows,
-                     "step_labels": sum(len(e["labels"]) for e in examples),
-                     "good_step_share": _share(label for e in examples for label in e["labels"]),
-                     "calculator_located_errors": error_drop_rate(scored, pa.Table.from_pylist(labels))}
-    if not examples:
-        print("steps: no sample could be rolled out; no process reward model", flush=True)
-        return [scored], summary
-    prm_dir = out_dir / PRM_DIR
-    metrics = train_prm(examples=examples, model_dir=model_dir, out_dir=prm_dir, config=prm_config)
-    record = write_model_lineage(prm_dir, stage="prm", parent=policy_id,
-                                 data={"rollouts": out_dir / SAMPLES_FILE}, params={"prm": as_dict(prm_config)},
-                                 metrics=metrics)
-    summary["prm"] = {**metrics, "model_id": record["model_id"]}
-    steps = [split_steps(s["text"], steps_config.delimiter) for s in kept]
-    judged = [(s, st) for s, st in zip(kept, steps) if st]
-    scores = score_steps(str(prm_dir), [format_prompt(tokenizer, question[s["problem_id"]]) for s, _ in judged],
-                         [st for _, st in judged])
-    from factory.schema import from_rows
-
-    prm_rows = [{"sample_id": s["sample_id"], "problem_id": s["problem_id"], "source": "prm",
-                 "step_scores": step_scores, "step_labels": None,
-                 "path_reward": path_reward(step_scores, prm_config.aggregate), "n_rollouts": None,
-                 "model_id": model_id(prm_dir)} for (s, _), step_scores in zip(judged, scores)]
-    summary["prm_scored_samples"] = len(prm_rows)
-    return [scored, from_rows(sorted(prm_rows, key=lambda r: r["sample_id"]), "process")], summary
-
-
-def _share(values) -> float | None:
-    values = list(values)
-    return round(sum(values) / len(values), 4) if values else None
+    write_table(from_rows(made.nodes, "nodes"), out_dir / NODES_FILE, kind="nodes", stage="steps",
+                params=params_record, inputs={"problems": problems_path, "labels": labels_path}, model_id=mid)
+    return {"recipe": recipe.name, "iteration": iteration} | made.summary
 
 
 def read_step_data(steps_dir: str | None):

@@ -16,16 +16,26 @@ from hypothesis import strategies as st
 
 from factory.filters import FilterConfig, build_filters, join_labels, run_filters
 from factory.filters import similarity as similarity_module
-from factory.filters.json_rows import canonical_json_rows, json_strings
+from factory import arrow as columnar
+from factory.arrow import canonical_json_rows, json_strings
 from factory.filters.similarity import jaccard as bulk_jaccard
 from factory.filters.similarity import word_bitsets
 from factory.ids import canonical_json
-from factory.labelers import columnar, label_samples
-from factory.labelers.calculator import calculator_labels
+from factory.labelers import label_samples
+from factory.labelers.annotations import calculator_labels
 from factory.labelers.gold import gold_labels
-from factory.pairs import PairsConfig, dpo_st_pairs, pairs_table
+from factory.pairs import PairsConfig
+from factory.pairs import pairs_table as rule_table
+from factory.recipes.dpo_st import PAIRS as DPO_ST_RULE
+from factory.recipes.dpo_st import dpo_st_pairs
 from factory.schema import DROPPED, LABELS, PAIRS, SAMPLES, validate
 from factory.text import jaccard, word_set
+
+
+def pairs_table(*tables, **kwargs):
+    """The `pairs` stage's table for the DPO-ST rule: its bulk version, or the reference where it declines."""
+    return rule_table(DPO_ST_RULE, *tables, **kwargs)
+
 
 FRAGMENTS = [
     "Mia", "has", "apples.", "THE", "ANSWER", "Answer:", "The answer is", "A:", "Final answer:", "so",

@@ -24,7 +24,7 @@ PARAMS = {
     "sample": {"split": "train", "n": 2, "max_new_tokens": 64, "shard_size": 5},
     "filter": {"min_steps": 0, "max_tokens": 256},
     "dpo": {"epochs": 1, "batch_size": 8, "warmup_steps": 0},
-    "self_train": {"n": 2, "steps": 3, "score_every": 2, "batch_size": 8, "warmup_steps": 0,
+    "self_train": {"n": 2, "max_steps": 3, "score_every": 2, "batch_size": 8, "warmup_steps": 0,
                    "dev_max_new_tokens": 8},
 }
 
@@ -137,11 +137,11 @@ def test_scpo_refuses_pairs_of_another_rule_and_keeps_the_model_without_pairs(pr
                                "--work", str(project / "work_scpo"), "--out", str(project / out),
                                "--params", str(project / "params.yaml")]
     assert cli(argv(project / "pairs.parquet", "model_wrong")) == 2
-    assert "trains on 'scpo' pairs, but the file holds 'dpo_st' pairs: set params pairs.recipe: scpo" \
+    assert "trains on 'scpo' pairs, but the file holds 'dpo_st' pairs: re-run its pairs stage with recipe: scpo" \
         in capsys.readouterr().err
     empty = scpo_pairs_file(project, "pairs_empty.parquet", [])
     assert cli(argv(empty, "model_unchanged")) == 0
-    assert "has no pairs; DPO skipped" in capsys.readouterr().out
+    assert "no pairs in" in (out := capsys.readouterr().out) and "scpo keeps the previous model" in out
     assert model_id(project / "model_unchanged") == model_id(project / "prev")
     assert read_model_lineage(project / "model_unchanged")["metrics"] == {"skipped": "no pairs", "pairs": 0}
 
@@ -170,4 +170,4 @@ def test_self_train_config_checks_its_values():
     with pytest.raises(ValueError, match="init must be"):
         SelfTrainConfig(init="warmup")
     with pytest.raises(ValueError, match="positive"):
-        SelfTrainConfig(steps=0)
+        SelfTrainConfig(max_steps=0)

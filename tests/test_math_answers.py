@@ -17,7 +17,7 @@ from factory.cli import main
 from factory.ids import content_id
 from factory.labelers import label_samples, vote_table
 from factory.labelers.symbolic import TIMEOUT, Verifier
-from factory.pairs import PairsConfig, scpo_pairs
+from factory.recipes.scpo import ScPOPairs, scpo_pairs
 from factory.problems.files import load_hf, load_jsonl
 from factory.schema import from_rows
 
@@ -372,7 +372,7 @@ def test_scpo_votes_by_canonical_answer():
               for s, a, c, v in zip(samples, [r"\frac12", "0.5", "0.5", "3"], ["0.5", "0.5", "0.5", "3"],
                                     [3, 3, 3, 1])]
     rows, _ = scpo_pairs([{"problem_id": "p", "question": "Half?"}], samples, labels, prompt_for=lambda q: q,
-                         iteration=1, config=PairsConfig(recipe="scpo"))
+                         iteration=1, config=ScPOPairs())
     # By `answer` the vote would tie (\frac12 and 0.5 both lead with 3 votes) and make no pair.
     assert {r["chosen_sample_id"] for r in rows} == {"s-0", "s-1", "s-2"}
     assert {r["rejected_sample_id"] for r in rows} == {"s-3"}

@@ -11,7 +11,9 @@ from factory import pairs as pairs_module
 from factory import text as text_module
 from factory.cli import main
 from factory.lineage import model_id, read_provenance, read_table, write_table
-from factory.pairs import RECIPES, PairsConfig, dpo_st_pairs, make_pairs
+from factory.pairs import PairsConfig
+from factory.recipes import RECIPES, PairRule, Recipe, get_recipe, pair_rules, register
+from factory.recipes.dpo_st import dpo_st_pairs
 from factory.schema import from_rows
 from factory.text import jaccard, word_set
 
@@ -170,20 +172,55 @@ def test_inputs_that_do_not_join_are_errors_naming_the_sample():
         run(problems, samples + samples[:1], labels)
 
 
-def test_recipes_and_config_are_checked():
-    assert RECIPES["dpo_st"] is dpo_st_pairs and set(RECIPES) == {"dpo_st", "scpo", "scpo_semi", "scdpo", "sipf_orpo", "mcts_dpo"}
-    with pytest.raises(ValueError, match=r"unknown pairs recipe 'best'; known: \['dpo_st', 'mcts_dpo', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo'\]"):
-        PairsConfig(recipe="best")
-    with pytest.raises(ValueError, match="min_vote_share must be in"):
-        PairsConfig(min_vote_share=1.5)
+def test_one_registry_names_every_recipe_and_rule():
+    assert list(RECIPES) == ["dpo_st", "sft", "self_train", "dpo", "scpo", "scpo_semi", "scdpo", "sipf_orpo",
+                             "mcts_dpo"]
+    assert pair_rules()["dpo_st"].make is dpo_st_pairs and get_recipe("dpo").pairs is get_recipe("dpo_st").pairs
+    assert set(pair_rules()) == {"dpo_st", "scpo", "scpo_semi", "scdpo", "sipf_orpo", "mcts_dpo"}
+    with pytest.raises(ValueError, match="unknown recipe 'best'; known: dpo_st, sft, self_train, dpo, scpo"):
+        get_recipe("best")
     with pytest.raises(ValueError, match="pairs_per_problem must be a positive integer, got 0"):
         PairsConfig(pairs_per_problem=0)
-    rows, _ = make_pairs(*make_rows(), prompt_for=PROMPT, iteration=1, config=PairsConfig())
+    rows, _ = pair_rules()["dpo_st"].make(*make_rows(), prompt_for=PROMPT, iteration=1, config=PairsConfig())
     assert len(rows) == 3
 
 
+def test_a_new_recipe_is_one_registration(monkeypatch, capsys):
+    """A tenth recipe: a rule, a training step and one registration, and the CLI, compare and the audit know it."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from factory.audit import _macros
+    from factory.compare import experiment_command
+
+    @dataclass(frozen=True, kw_only=True)
+    class LongestPairs(PairsConfig):
+        rule: ClassVar[str] = "longest"
+
+    def longest_pairs(problems, samples, labels, *, prompt_for, iteration, config, steps=None):
+        rows, summary = dpo_st_pairs(problems, samples, labels, prompt_for=prompt_for, iteration=iteration,
+                                     config=config)
+        return sorted(rows, key=lambda r: -len(r["chosen"]))[:1], summary
+
+    recipe = Recipe(module="tests.toy", name="longest", paper="a toy", summary="the longest chosen",
+                    train=lambda it: {}, pairs=PairRule(make=longest_pairs, settings=LongestPairs, gold_judged=True),
+                    needs={"sample.split": "answers"}, setup={"sample.n": 2})
+    monkeypatch.setattr("factory.recipes.base.RECIPES", dict(RECIPES))
+    assert register(recipe) is recipe and get_recipe("longest") is recipe
+    with pytest.raises(ValueError, match="registered twice"):
+        register(recipe)
+    assert "'longest'" in _macros()  # its pairs are gold-judged: the gold audits apply
+    assert experiment_command("longest", 3)[3:9] == ["-S", "recipe=longest", "-S", "sample.split=answers", "-S",
+                                                     "sample.n=2"]
+    assert main(["recipe", "--list"]) == 0 and "a toy: the longest chosen" in capsys.readouterr().out
+    rows, _ = recipe.pairs.make(*make_rows(), prompt_for=PROMPT, iteration=1, config=LongestPairs())
+    assert len(rows) == 1 and rows[0]["recipe"] == "longest"
+
+
 def test_doctests():
-    for module in (pairs_module, text_module):
+    from factory.recipes import dpo_st, scpo
+
+    for module in (dpo_st, scpo, text_module):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
@@ -241,9 +278,8 @@ def test_cli_writes_pairs_with_provenance_and_summary(cli_inputs, capsys):
     provenance = read_provenance(out)
     # The model whose samples these are: audits/wrong_model.sql checks every side against it.
     assert provenance["stage"] == "pairs" and provenance["model_id"] == model_id(argv[argv.index("--model") + 1])
-    assert provenance["params"]["pairs"] == {"recipe": "dpo_st", "pairs_per_problem": 3, "include_gold": True,
-                                                 "min_vote_share": 0.5, "eta": 0.1, "min_q_margin": 0.2,
-                                                 "min_terminals": 1}
+    assert provenance["params"]["recipe"] == "dpo_st"
+    assert provenance["params"]["pairs"] == {"pairs_per_problem": 3, "include_gold": True}
     assert set(provenance["inputs"]) == {"problems", "samples", "labels"}
     assert json.loads(summary.read_text())["skipped"] == {"no_positive": 0, "no_negative": 1}
     assert "3 dpo_st pairs from 1 of 2 problems" in capsys.readouterr().out
@@ -266,5 +302,5 @@ def test_cli_errors_name_the_sample_and_file(cli_inputs, capsys):
     assert main([*argv, "--out", str(tmp_path / "pairs.parquet")]) == 2
     assert f"{paths['labels']}: no label for sample 's-w1'" in capsys.readouterr().err
     assert main([*argv, "--recipe", "best", "--out", str(tmp_path / "pairs.parquet")]) == 2
-    assert "unknown pairs recipe 'best'; known: ['dpo_st', 'mcts_dpo', 'scdpo', 'scpo', 'scpo_semi', 'sipf_orpo']" in capsys.readouterr().err
+    assert "unknown recipe 'best'; known: dpo_st, sft, self_train" in capsys.readouterr().err
     assert not (tmp_path / "pairs.parquet").exists()

@@ -46,10 +46,10 @@ def project(tmp_path_factory):
     params["sample"] |= {"split": "train", "limit": 0, "n": 2, "max_new_tokens": 64, "shard_size": 16}
     params["filter"] |= {"min_steps": 0}
     params["dpo"] |= {"epochs": 1, "batch_size": 16, "warmup_steps": 0}
-    params["self_train"] |= {"n": 1, "steps": 2, "score_every": 2, "batch_size": 16, "warmup_steps": 0,
+    params["self_train"] |= {"n": 1, "max_steps": 2, "score_every": 2, "batch_size": 16, "warmup_steps": 0,
                              "dev_max_new_tokens": 16}
     params["steps"] |= {"max_new_tokens": 64, "attempts": 2, "rollouts": 2, "rollout_samples": 8}
-    params["prm"] |= {"steps": 4, "batch_size": 8, "warmup_steps": 0}
+    params["prm"] |= {"max_steps": 4, "batch_size": 8, "warmup_steps": 0}
     params["orpo"] |= {"epochs": 1, "batch_size": 16, "warmup_steps": 0}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)

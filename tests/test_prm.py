@@ -12,7 +12,7 @@ from train.prm import PRMConfig, encode, load_prm, path_reward, score_steps, ste
 pytestmark = pytest.mark.slow
 
 # Large steps so a few dozen updates move a random tiny model; the defaults are for real runs.
-FAST = PRMConfig(steps=40, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256)
+FAST = PRMConfig(max_steps=40, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256)
 
 
 def toy_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
@@ -128,7 +128,7 @@ def test_regression_head_is_deterministic_and_scores_by_sigmoid(base, tmp_path):
 
     folder, tokenizer = base
     examples = toy_examples(tokenizer, 8)
-    config = PRMConfig(steps=3, learning_rate=3e-3, batch_size=4, warmup_steps=1, head="regression",
+    config = PRMConfig(max_steps=3, learning_rate=3e-3, batch_size=4, warmup_steps=1, head="regression",
                        aggregate="min")
     first = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "a", config=config)
     second = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "b", config=config)
@@ -162,7 +162,7 @@ def test_path_reward():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, "prm.steps must be >= 1"),
+    ("max_steps", 0, "prm.max_steps must be >= 1"),
     ("learning_rate", 0.0, "prm.learning_rate must be > 0"),
     ("batch_size", 0, "prm.batch_size must be >= 1"),
     ("max_length", 1, "prm.max_length must be >= 2"),

@@ -28,6 +28,7 @@ import yaml
 from factory.cli import main
 from factory.lineage import model_id, read_model_lineage, read_provenance, read_table
 from factory.modeling import end_of_turn, end_of_turn_id, format_completion, trainer_tokenizer
+from factory.recipes import RECIPES, pair_rules
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,8 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-STEP_RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo", "scdpo", "sipf_orpo", "mcts_dpo")
-PAIR_RULES = ("dpo_st", "scpo", "scpo_semi", "scdpo", "sipf_orpo", "mcts_dpo")
+STEP_RECIPES = tuple(RECIPES)
+PAIR_RULES = tuple(pair_rules())
 STEP_TABLES = ("samples", "labels", "process", "nodes")
 
 
@@ -270,7 +271,7 @@ def params(gguf: Path) -> dict:
                   "rollouts": 2, "rollout_samples": 2, "batch_size": 16},
         "mcts": {"problems": 1, "width": 2, "simulations": 1, "max_depth": 2, "max_step_tokens": 16,
                  "batch_size": 8},
-        "prm": {"steps": 1, "batch_size": 2, "warmup_steps": 0, "max_length": 160},
+        "prm": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "max_length": 160},
         "pairs": {"pairs_per_problem": 1, "min_terminals": 0, "min_q_margin": 0.01, "eta": 0.0},
         "audit": {"checks": str(Path(__file__).resolve().parents[1] / "audits")},
         "dpo": {"epochs": 1, "batch_size": 4, "warmup_steps": 0, "learning_rate": 1.0e-6, "max_length": 128},
@@ -504,7 +505,7 @@ def test_the_prm_trains_one_step_and_scores_smollm2_steps(run, tmp_path):
     from transformers import AutoTokenizer
 
     from factory.modeling import format_prompt
-    from factory.steps import split_steps
+    from factory.reasoning_steps import split_steps
     from train.prm import PRMConfig, score_steps, train_prm
 
     tokenizer = AutoTokenizer.from_pretrained(run["models"] / "iter_0")
@@ -512,7 +513,7 @@ def test_the_prm_trains_one_step_and_scores_smollm2_steps(run, tmp_path):
                  "labels": [good], "scores": [float(good)]}
                 for p, good in zip(PROBLEMS["train"], (True, False))]
     metrics = train_prm(examples=examples, model_dir=run["models"] / "iter_0", out_dir=tmp_path / "prm",
-                        config=PRMConfig(steps=1, batch_size=2, warmup_steps=0, max_length=160))
+                        config=PRMConfig(max_steps=1, batch_size=2, warmup_steps=0, max_length=160))
     assert metrics["optimizer_steps"] == 1 and metrics["steps"] == 2 and metrics["steps_truncated"] == 0
     [scores] = score_steps(str(tmp_path / "prm"), [examples[0]["prompt"]], [examples[0]["steps"]])
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from factory.ids import file_fingerprint
-from factory.pairs import PairsConfig, StepData, make_pairs
-from factory.steps import split_steps
+from factory.pairs import StepData
+from factory.recipes import pair_rules
+from factory.reasoning_steps import split_steps
 
 QUESTION = "Mia has 12 marbles and buys 7. She gives 1 away. How many?"
 PROBLEMS = [{"problem_id": "p-1", "question": QUESTION, "gold_answer": "18",
@@ -32,9 +33,15 @@ def continuation(sample_id, text, parent="s-a", j=1):
     return sample(sample_id, text, generator="step_controlled", parent_sample_id=parent, prefix_steps=j)
 
 
+def make_pairs(rule, problems, samples, labels, *, steps=None, **kwargs):
+    """Run the pair rule named `rule` with its own settings class."""
+    config = pair_rules()[rule].settings(**kwargs.pop("config", {}))
+    return pair_rules()[rule].make(problems, samples, labels, config=config, steps=steps, **kwargs)
+
+
 def scdpo(samples, labels, steps, **config):
-    return make_pairs(PROBLEMS, samples, labels, prompt_for=lambda q: f"Q: {q}\n", iteration=1,
-                      config=PairsConfig(recipe="scdpo", **config), steps=steps)
+    return make_pairs("scdpo", PROBLEMS, samples, labels, prompt_for=lambda q: f"Q: {q}\n", iteration=1,
+                      config=config, steps=steps)
 
 
 def test_scdpo_pairs_are_naive_plus_step_controlled_plus_calculator_located():
@@ -75,8 +82,8 @@ def test_scdpo_skips_continuations_whose_parent_was_filtered_out():
 
 def sipf(samples, labels, rewards, **config):
     process = [{"sample_id": s, "problem_id": "p-1", "source": "prm", "path_reward": r} for s, r in rewards.items()]
-    return make_pairs(PROBLEMS, samples, labels, prompt_for=lambda q: q, iteration=1,
-                      config=PairsConfig(recipe="sipf_orpo", **config), steps=StepData(process=process))
+    return make_pairs("sipf_orpo", PROBLEMS, samples, labels, prompt_for=lambda q: q, iteration=1,
+                      config=config, steps=StepData(process=process))
 
 
 def test_sipf_pairs_prefer_a_correct_sample_by_the_widest_reward_margin():
@@ -92,16 +99,16 @@ def test_sipf_pairs_prefer_a_correct_sample_by_the_widest_reward_margin():
 
 def test_step_recipes_refuse_step_data_made_for_another_recipe():
     for recipe in ("scdpo", "sipf_orpo"):
-        with pytest.raises(ValueError, match=f"pairs recipe '{recipe}' needs step data made for it.*'dpo_st'"):
-            make_pairs(PROBLEMS, [sample("s-1", CORRECT)], [label("s-1", True)], prompt_for=str, iteration=1,
-                       config=PairsConfig(recipe=recipe), steps=StepData(recipe="dpo_st"))
+        with pytest.raises(ValueError, match=f"recipe '{recipe}' needs step data made for it.*'dpo_st'"):
+            make_pairs(recipe, PROBLEMS, [sample("s-1", CORRECT)], [label("s-1", True)], prompt_for=str, iteration=1,
+                       steps=StepData(recipe="dpo_st"))
     rows, summary = sipf([sample("s-1", CORRECT)], [label("s-1", True)], {})
     assert rows == [] and summary["skipped"]["no_process_score"] == 1
 
 
 def test_sipf_dataset_grows_through_the_previous_models_lineage(tmp_path, monkeypatch):
     from factory.io import write_json
-    from train.iteration import earlier_pairs
+    from factory.recipes.sipf_orpo import earlier_pairs
 
     monkeypatch.chdir(tmp_path)
     pairs = tmp_path / "iter_1_pairs.parquet"

@@ -27,9 +27,10 @@ from factory.generators.tree import (
     tree_search,
 )
 from factory.modeling import format_prompt
-from factory.pairs import PairsConfig, StepData, mcts_dpo_pairs
+from factory.pairs import StepData
+from factory.recipes.mcts_dpo import MCTSPairs, mcts_dpo_pairs
 from factory.schema import from_rows
-from factory.steps import split_steps
+from factory.reasoning_steps import split_steps
 
 
 def node(name: str, parent: Node | None, *, prior=None, value=None, terminal=False, index=0) -> Node:
@@ -257,7 +258,7 @@ def tree_rows(children_q: list[float | None], *, committed: bool = True, termina
 
 def make_pairs(rows, margin=0.2, min_terminals=1):
     return mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: f"Q: {q}\nA:\n", iteration=1,
-                          config=PairsConfig(recipe="mcts_dpo", min_q_margin=margin, min_terminals=min_terminals),
+                          config=MCTSPairs(min_q_margin=margin, min_terminals=min_terminals),
                           steps=StepData(nodes=rows, recipe="mcts_dpo"))
 
 
@@ -283,12 +284,12 @@ def test_pairs_need_siblings_whose_q_rests_on_gold_outcomes():
     assert make_pairs(tree_rows([0.1, 0.9], terminal=False))[1]["skipped"]["ungrounded"] == 1
     assert make_pairs(tree_rows([0.1, 0.9], terminal=False), min_terminals=0)[1]["pairs"] == 1  # the paper's rule
     with pytest.raises(ValueError, match="min_terminals must be an integer >= 0"):
-        PairsConfig(recipe="mcts_dpo", min_terminals=-1)
+        MCTSPairs(min_terminals=-1)
 
 
 def test_pairs_refuse_step_data_of_another_recipe():
     with pytest.raises(ValueError, match="made for recipe 'scdpo'"):
-        mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=str, iteration=1, config=PairsConfig(recipe="mcts_dpo"),
+        mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=str, iteration=1, config=MCTSPairs(),
                        steps=StepData(recipe="scdpo"))
 
 
@@ -298,7 +299,7 @@ def test_audit_checks_pass_on_a_search_and_catch_a_tampered_tree(searched, tmp_p
 
     rows, _ = searched
     pairs, _ = mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: q, iteration=1,
-                              config=PairsConfig(recipe="mcts_dpo", min_q_margin=0.0, min_terminals=0),
+                              config=MCTSPairs(min_q_margin=0.0, min_terminals=0),
                               steps=StepData(nodes=rows, recipe="mcts_dpo"))
     assert pairs
     checks = [c for c in load_checks("audits") if c.name in ("tree_values", "tree_pairs")]
@@ -328,7 +329,7 @@ def test_lineage_of_a_tree_pair_walks_its_nodes_up_to_the_question(searched, tmp
 
     rows, _ = searched
     pairs, _ = mcts_dpo_pairs(PROBLEMS, [], [], prompt_for=lambda q: q, iteration=1,
-                              config=PairsConfig(recipe="mcts_dpo", min_q_margin=0.0, min_terminals=0),
+                              config=MCTSPairs(min_q_margin=0.0, min_terminals=0),
                               steps=StepData(nodes=rows, recipe="mcts_dpo"))
     write_table(from_rows([dict(p, source="test") for p in PROBLEMS], "problems"), tmp_path / "data/problems.parquet",
                 kind="problems", stage="problems")

@@ -14,7 +14,7 @@ from factory.cli import main
 from factory.labelers import label_summary, vote_table
 from factory.labelers.vote import vote_columns
 from factory.lineage import read_table
-from factory.pairs import PairsConfig, scpo_pairs, scpo_semi_pairs
+from factory.recipes.scpo import ScPOPairs, ScPOSemiPairs, scpo_pairs, scpo_semi_pairs
 
 PROMPT = lambda q: f"Q: {q}\nA:\n"  # noqa: E731
 
@@ -101,7 +101,7 @@ def test_scpo_keeps_consistent_problems_and_weighs_pairs_by_the_vote_margin():
     }
     problems, samples, labels = vote_rows(groups)
     rows, summary = scpo_pairs(problems, samples, labels, prompt_for=PROMPT, iteration=2,
-                               config=PairsConfig(recipe="scpo", pairs_per_problem=2))
+                               config=ScPOPairs(pairs_per_problem=2))
     assert {r["problem_id"] for r in rows} == {"p-major"} and len(rows) == 2
     assert {r["rejected_sample_id"] for r in rows} == {"p-major-s6"}
     assert {r["chosen_sample_id"] for r in rows} <= {"p-major-s0", "p-major-s1", "p-major-s2", "p-major-s7"}
@@ -109,7 +109,7 @@ def test_scpo_keeps_consistent_problems_and_weighs_pairs_by_the_vote_margin():
     assert rows[0]["prompt"] == PROMPT("question p-major")
     assert summary["skipped"] == {"no_positive": 0, "no_negative": 1, "tied_vote": 1, "low_consistency": 1}
     lenient, _ = scpo_pairs(problems, samples, labels, prompt_for=PROMPT, iteration=2,
-                            config=PairsConfig(recipe="scpo", pairs_per_problem=1, min_vote_share=0.25))
+                            config=ScPOPairs(pairs_per_problem=1, min_vote_share=0.25))
     low = [r for r in lenient if r["problem_id"] == "p-low"]
     assert len(low) == 1 and low[0]["weight"] == (2 - 1) / 8
 
@@ -120,14 +120,14 @@ def test_scpo_never_reads_gold():
     guarded_problems = [NoGold(p) for p in problems]
     guarded_labels = [NoGold(label) for label in labels]
     rows, _ = scpo_pairs(guarded_problems, samples, guarded_labels, prompt_for=PROMPT, iteration=1,
-                         config=PairsConfig(recipe="scpo"))
+                         config=ScPOPairs())
     # The majority is followed even where gold says it is wrong: p-1's chosen answer 7 is not gold's 5.
     assert [(r["problem_id"], r["chosen"].split("#### ")[1], r["rejected"].split("#### ")[1]) for r in rows][:1] \
         == [("p-1", "7", "5")]
     # Scrambled gold changes nothing.
     scrambled = [{**p, "gold_answer": "0"} for p in problems]
     again, _ = scpo_pairs(scrambled, samples, [{**label, "correct": not label["correct"]} for label in labels],
-                          prompt_for=PROMPT, iteration=1, config=PairsConfig(recipe="scpo"))
+                          prompt_for=PROMPT, iteration=1, config=ScPOPairs())
     assert again == rows
 
 
@@ -135,14 +135,14 @@ def test_scpo_needs_vote_labels():
     problems, samples, labels = vote_rows({"p-1": ["7", "7", "5"]})
     with pytest.raises(ValueError, match="--labelers vote"):
         scpo_pairs(problems, samples, [{**label, "vote_count": None} for label in labels], prompt_for=PROMPT,
-                   iteration=1, config=PairsConfig(recipe="scpo"))
+                   iteration=1, config=ScPOPairs())
 
 
 def test_semi_supervised_uses_gold_where_it_exists_and_votes_elsewhere():
     groups = {"p-gold": ["7", "7", "7", "5"], "p-free": ["3", "3", "3", "8"]}
     problems, samples, labels = vote_rows(groups, gold={"p-gold": "5"})
     rows, summary = scpo_semi_pairs(problems, samples, labels, prompt_for=PROMPT, iteration=1,
-                                    config=PairsConfig(recipe="scpo_semi", pairs_per_problem=1))
+                                    config=ScPOSemiPairs(pairs_per_problem=1))
     by_problem = {r["problem_id"]: r for r in rows}
     # Gold overrules the (wrong) majority on the labelled problem; the unlabelled one follows the vote.
     assert by_problem["p-gold"]["chosen"].endswith("#### 5") and by_problem["p-gold"]["weight"] == 1.0

@@ -1,45 +1,25 @@
-"""One iteration's training step (`factory train`, the `train@k` stage), for each recipe.
+"""The training blocks recipes compose into one iteration's training step (`factory train`, the `train@k` stage).
 
-    factory train --recipe dpo_st --iteration 1 --problems data/problems.parquet \
+    factory train --iteration 1 --problems data/problems.parquet \
         --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet \
         --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet \
         --work data/iter_1/self_train --out models/iter_1
 
-Recipes (params.yaml `recipe`):
-- `dpo_st` (Wang et al., ACL 2024): DPO from the previous model on the
-  iteration's pairs (`models/iter_k/dpo`), then the self-training step: sample
-  `self_train.n` rationales per problem from the DPO model, keep the correct
-  ones that survive the filters (near-duplicates included), and SFT the
-  **base** model on gold plus those samples.
-- `self_train` (the baseline): no DPO. It draws the same second round of
-  samples from the previous model, so both recipes spend the same sampling
-  budget, and SFTs the base on gold plus the correct filtered samples of both
-  rounds.
-- `sft` (the gold-only control): more SFT on gold from the previous model, for
-  the same number of optimizer steps. A recipe's gain counts only beyond it.
-- `scpo` (Prasad et al., 2024): weighted DPO + NLL from the previous model
-  (also the reference) on vote pairs; that model is the iteration's model.
-  No gold is read and there is no SFT step.
-- `scpo_semi`: the same training on ScPO's semi-supervised pairs (gold pairs
-  where a problem has a gold answer, vote pairs where not).
-- `dpo`: the same training on gold pairs (the `dpo_st` rule): ScPO's supervised
-  counterpart (IRPO-style), which tells what the votes cost against gold labels.
-- `scdpo` (Lu et al., 2024): the same DPO from the previous model on the naive
-  pairs plus the step-controlled ones (`factory steps`, the `scdpo` pair rule).
-- `sipf_orpo` (Chen et al., COLING 2025): ORPO from the previous model on the
-  PRM-ranked pairs of this iteration and of every earlier one: the dataset
-  grows across iterations. Earlier pair files are found through the previous
-  model's lineage, and their fingerprints are checked before use.
-- `mcts_dpo` (Xie et al., 2024): the same DPO from the previous model on the
-  step-level pairs of its search trees (`factory steps`, the `mcts_dpo` pair
-  rule): on-policy, iterated.
+The recipe (params `recipe`) owns the composition (`factory.recipes`, its
+`train` function); this module offers the blocks and knows no recipe names:
 
-A recipe that trains on pairs checks that the pairs file was made by its pair
-rule (the rows' `recipe`), so `recipe: scpo` on DPO-ST pairs is an error that
-says which params to set, not a silent mix.
+- `read_pairs`: the iteration's pairs, refusing a file another pair rule made;
+- `dpo_model`: DPO (+ NLL on chosen) from the previous model, which is also
+  the reference, as the iteration's model;
+- `dpo_beside`: the same DPO model trained beside the output, to sample from;
+- `second_round`: sample, label and filter a second round of rationales from
+  a model (optionally pooled with the first round), as SFT examples;
+- `sft`: SFT from the base or the previous model on those examples, or on gold;
+- `orpo_model`: ORPO from the previous model on one or more pairs files.
 
-Every table the step makes (second-round samples, labels, kept, dropped) is
-written under `--work`, so each training example traces to its sample row.
+Every table a block makes (second-round samples, labels, kept, dropped) is
+written under `--work`, so each training example traces to its sample row;
+every model gets its lineage record.
 """
 
 from __future__ import annotations
@@ -47,19 +27,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pyarrow as pa
 
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
-RECIPES = ("dpo_st", "self_train", "sft", "scpo", "scpo_semi", "dpo", "scdpo", "sipf_orpo", "mcts_dpo")
-# The pair rule (params `pairs.recipe`) each pair-trained recipe needs.
-PAIR_RULES = {"dpo_st": "dpo_st", "scpo": "scpo", "scpo_semi": "scpo_semi", "dpo": "dpo_st", "scdpo": "scdpo",
-              "sipf_orpo": "sipf_orpo", "mcts_dpo": "mcts_dpo"}
-# Recipes whose model is the preference-trained model itself: no second round of sampling, no SFT.
-DPO_ONLY = ("scpo", "scpo_semi", "dpo", "scdpo", "mcts_dpo")
-PREFERENCE_ONLY = (*DPO_ONLY, "sipf_orpo")
 # The second round of sampling draws its noise from another stream than `sample@k`
 # (otherwise, from the same model, `self_train` would redraw the very same samples).
 SECOND_ROUND_SEED_OFFSET = 1_000_003
@@ -71,34 +45,189 @@ class SelfTrainConfig(SFTRunConfig):
 
     n: int = 4  # rationales per problem drawn for the self-training set
     init: str = "base"  # SFT from "base" (DPO-ST: avoids overfitting across iterations) or from "prev"
-    steps: int = 800  # optimizer steps of the SFT step, the same for every recipe (equal compute)
-    score_every: int = 100  # score dev accuracy every this many steps and keep the best
+    max_steps: int = 1000  # optimizer steps of the SFT step, the same for every recipe (equal compute)
+    score_every: int = 250  # score dev accuracy every this many steps and keep the best
 
     def __post_init__(self):
         if self.init not in ("base", "prev"):
             raise ValueError(f"init must be 'base' or 'prev', got {self.init!r}")
-        if self.steps < 1 or self.score_every < 1 or self.n < 1:
-            raise ValueError("n, steps and score_every must be positive")
+        if self.max_steps < 1 or self.score_every < 1 or self.n < 1:
+            raise ValueError("n, max_steps and score_every must be positive")
 
 
-def check_recipe(recipe: str) -> str:
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    return recipe
+DPO_METRICS = ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")
 
 
-def read_pairs_for(recipe: str, pairs_path: str) -> list[dict]:
-    """The pairs `recipe` trains on, refusing a file made by another pair rule."""
+@dataclass(frozen=True, kw_only=True)
+class Iteration:
+    """What one iteration's training step reads and writes, and the params sections it trains with."""
+
+    recipe: str
+    iteration: int
+    problems_path: str
+    prev_dir: str
+    base_dir: str
+    pairs_path: str
+    samples_path: str
+    labels_path: str
+    work: Path
+    out: Path
+    sampling: Any
+    filter_config: Any
+    dpo_config: Any
+    self_train: SelfTrainConfig
+    orpo_config: Any
+    pair_rule: str | None = None  # the rule whose pairs the recipe trains on
+
+    def start(self) -> dict:
+        """The summary's head; the work folder is a stage output for every recipe (empty for most)."""
+        from factory.lineage import model_id
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        return {"recipe": self.recipe, "iteration": self.iteration, "prev_model": model_id(self.prev_dir)}
+
+    def problems(self) -> list[dict]:
+        from factory.lineage import read_table
+
+        return read_table(self.problems_path, "problems").to_pylist()
+
+
+def read_pairs(it: Iteration, path: str | None = None) -> list[dict]:
+    """The pairs in `path` (default: the iteration's), refusing rows another pair rule made."""
     from factory.lineage import read_table
 
-    if recipe not in PAIR_RULES:
-        return []
-    pairs = read_table(pairs_path, "pairs").to_pylist()
+    path = path or it.pairs_path
+    pairs = read_table(path, "pairs").to_pylist()
     rules = sorted({p["recipe"] for p in pairs})
-    if rules and rules != [PAIR_RULES[recipe]]:
-        raise ValueError(f"{pairs_path}: recipe {recipe!r} trains on {PAIR_RULES[recipe]!r} pairs, but the file holds "
-                         f"{', '.join(repr(r) for r in rules)} pairs: set params pairs.recipe: {PAIR_RULES[recipe]}")
+    if rules and rules != [it.pair_rule]:
+        raise ValueError(f"{path}: recipe {it.recipe!r} trains on {it.pair_rule!r} pairs, but the file holds "
+                         f"{', '.join(repr(r) for r in rules)} pairs: re-run its pairs stage with recipe: {it.recipe}")
     return pairs
+
+
+def _keep_previous(it: Iteration, what: str) -> None:
+    """A model too weak to make any pair: the previous model, unchanged, is the iteration's, and says so."""
+    from factory.modeling import load_model
+    from train.common import save_model_atomically
+
+    print(f"train: no pairs in {what}; {it.recipe} keeps the previous model", flush=True)
+    save_model_atomically(*load_model(it.prev_dir), it.out)
+
+
+def dpo_model(it: Iteration, pairs: list[dict], summary: dict) -> dict:
+    """The weighted DPO + NLL model from the previous one is the iteration's model (ScPO's step)."""
+    from factory.lineage import write_model_lineage
+    from factory.params import as_dict
+
+    metrics: dict = {"skipped": "no pairs", "pairs": 0}
+    if pairs:
+        from train.dpo import main as dpo_main
+
+        dpo = dpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=it.out, config=it.dpo_config)
+        metrics = {k: dpo[k] for k in DPO_METRICS} | {
+            "mean_weight": round(sum(p["weight"] for p in pairs) / len(pairs), 4)}
+    else:
+        _keep_previous(it, it.pairs_path)
+    record = write_model_lineage(it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"],
+                                 data={"pairs": it.pairs_path},
+                                 params={"recipe": it.recipe, "dpo": as_dict(it.dpo_config)}, metrics=metrics)
+    return summary | {"dpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
+
+
+def dpo_beside(it: Iteration, pairs: list[dict], summary: dict) -> Path | None:
+    """DPO from the previous model, trained beside the output (it moves into `out/dpo` at the end); None without pairs."""
+    from factory.lineage import write_model_lineage
+    from factory.params import as_dict
+
+    if not pairs:
+        print(f"train: {it.pairs_path} has no pairs; DPO skipped", flush=True)
+        summary["dpo"] = {"skipped": "no pairs", "pairs": 0}
+        return None
+    from train.dpo import main as dpo_main
+
+    dpo_dir = it.out.with_name(f".{it.out.name}.dpo")
+    dpo = dpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=dpo_dir, config=it.dpo_config)
+    metrics = {k: dpo[k] for k in DPO_METRICS}
+    record = write_model_lineage(dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": it.pairs_path},
+                                 params={"dpo": as_dict(it.dpo_config)}, metrics=metrics)
+    summary["dpo"] = {**metrics, "model_id": record["model_id"]}
+    return dpo_dir
+
+
+def second_round(it: Iteration, model_dir: str | Path, summary: dict, *, pool_first_round: bool) -> list[dict]:
+    """Gold plus the correct filtered rationales of a second round sampled from `model_dir`, as SFT examples.
+
+    With `pool_first_round`, the iteration's first-round samples join before
+    filtering, so near-duplicates are removed across both rounds.
+    """
+    from factory.lineage import model_id
+
+    first_round = (it.samples_path, it.labels_path) if pool_first_round else None
+    counts, kept, labels = _second_round(model_dir=Path(model_dir), problems_path=it.problems_path, work=it.work,
+                                         sampling=it.sampling, self_train=it.self_train, iteration=it.iteration,
+                                         first_round=first_round, filter_config=it.filter_config)
+    examples = self_training_examples(it.problems(), kept, labels)
+    summary["second_round"] = {**counts, "sampled_from": model_id(model_dir),
+                               "correct_kept": sum(e["sample_id"] is not None for e in examples)}
+    return examples
+
+
+def gold(it: Iteration) -> list[dict]:
+    """The gold rationales as SFT examples (the gold-only control's data)."""
+    return gold_examples(it.problems())
+
+
+def sft(it: Iteration, examples: list[dict], summary: dict, *, init: str, dpo_dir: Path | None = None) -> dict:
+    """SFT from `init` ("base", "prev" or a folder) on `examples`: the iteration's model, with its lineage.
+
+    A DPO model trained beside the output (`dpo_beside`) moves into `out/dpo`, traceable from the lineage.
+    """
+    from factory.lineage import model_id, write_model_lineage
+    from factory.params import as_dict
+
+    init_dir = {"base": it.base_dir, "prev": it.prev_dir}.get(init, init)
+    config = it.self_train
+    dev = dev_problems(it.problems(), config.dev_split)
+    result = train_sft(model_dir=init_dir, examples=examples, dev=dev, out_dir=it.out, config=config,
+                       max_steps=config.max_steps, score_every_steps=config.score_every)
+    data = {"problems": it.problems_path}
+    if dpo_dir is not None:
+        os.replace(dpo_dir, it.out / "dpo")
+        data["pairs"] = it.pairs_path
+    if "second_round" in summary:
+        data["self_train_examples"] = str(it.work / "kept.parquet")
+    summary["sft"] = {k: result[k] for k in ("best_step", "dev_accuracy", "steps", "examples")} | {
+        "init": model_id(init_dir), "curve": result["curve"]}
+    record = write_model_lineage(
+        it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"], data=data,
+        params={"recipe": it.recipe, "self_train": as_dict(config), "dpo": as_dict(it.dpo_config)},
+        metrics={"dev_accuracy": result["dev_accuracy"], "examples": result["examples"], "steps": result["steps"]},
+    )
+    return summary | {"model_id": record["model_id"]}
+
+
+def orpo_model(it: Iteration, pairs_files: list[str], summary: dict) -> dict:
+    """ORPO from the previous model on the pairs of every file in `pairs_files` (the last: this iteration's)."""
+    from factory.lineage import read_table, write_model_lineage
+    from factory.params import as_dict
+
+    pairs = [row for path in pairs_files for row in read_pairs(it, path)]
+    counts = {"pairs": len(pairs), "pairs_this_iteration": read_table(it.pairs_path, "pairs").num_rows,
+              "pairs_files": len(pairs_files)}
+    if pairs:
+        from train.orpo import main as orpo_main
+
+        orpo = orpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=it.out, config=it.orpo_config)
+        metrics = {k: v for k, v in orpo.items() if isinstance(v, (int, float, str)) or v is None} | counts
+    else:
+        _keep_previous(it, f"{it.pairs_path} or earlier")
+        metrics = {"skipped": "no pairs"} | counts
+    record = write_model_lineage(it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"],
+                                 data={f"pairs_{i}": path for i, path in enumerate(pairs_files)},
+                                 params={"recipe": it.recipe, "orpo": as_dict(it.orpo_config),
+                                         "pairs_files": pairs_files},
+                                 metrics=metrics)
+    return summary | {"orpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
 
 
 def self_training_examples(problems: list[dict], kept: list[dict], labels: list[dict]) -> list[dict]:
@@ -151,158 +280,3 @@ def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, 
     write_table(dropped, work / "dropped.parquet", kind="dropped", stage="train", params=record, inputs=inputs)
     return {"sampled": samples.num_rows, "kept": counts["kept"], "filter": counts}, kept.to_pylist(), \
         labels.to_pylist()
-
-
-DPO_METRICS = ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")
-
-
-def _dpo_only(*, pairs: list[dict], pairs_path: str, prev_dir: str, out: Path, parent: str, recipe: str,
-              dpo_config) -> dict:
-    """ScPO's step: the weighted DPO + NLL model is the iteration's model (the previous one, unchanged, if no pairs)."""
-    from factory.lineage import write_model_lineage
-    from factory.params import as_dict
-
-    metrics: dict = {"skipped": "no pairs", "pairs": 0}
-    if pairs:
-        from train.dpo import main as dpo_main
-
-        dpo = dpo_main(pairs=pairs, model_dir=prev_dir, out_dir=out, config=dpo_config)
-        metrics = {k: dpo[k] for k in DPO_METRICS} | {
-            "mean_weight": round(sum(p["weight"] for p in pairs) / len(pairs), 4)}
-    else:
-        from factory.modeling import load_model
-        from train.common import save_model_atomically
-
-        save_model_atomically(*load_model(prev_dir), out)
-    record = write_model_lineage(out, stage=f"train:{recipe}", parent=parent, data={"pairs": pairs_path},
-                                 params={"recipe": recipe, "dpo": as_dict(dpo_config)}, metrics=metrics)
-    return {"dpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
-
-
-def earlier_pairs(prev_dir: str) -> list[str]:
-    """The pair files the previous model's ORPO steps trained on (sipf_orpo's growing dataset), fingerprint-checked."""
-    from factory.ids import file_fingerprint
-    from factory.lineage import read_model_lineage
-
-    lineage = read_model_lineage(prev_dir) or {}
-    if not str(lineage.get("stage", "")).startswith("train:sipf_orpo"):
-        return []  # the warm-up, or another recipe's model: the dataset starts here
-    files = lineage["params"]["pairs_files"]
-    for index, path in enumerate(files):
-        if not Path(path).exists():
-            raise ValueError(f"{prev_dir}/lineage.json: pairs file {path!r} it trained on is missing")
-        if file_fingerprint(path) != lineage["data"][f"pairs_{index}"]:
-            raise ValueError(f"{prev_dir}/lineage.json: pairs file {path!r} changed since the model trained on it: "
-                             "re-run its iteration (dvc repro)")
-    return files
-
-
-def _orpo_only(*, pairs_path: str, prev_dir: str, out: Path, parent: str, orpo_config) -> dict:
-    """SIPF's step: ORPO from the previous model on this iteration's pairs and every earlier iteration's."""
-    from factory.lineage import read_table, write_model_lineage
-    from factory.params import as_dict
-    from train.orpo import main as orpo_main
-
-    files = [*earlier_pairs(prev_dir), pairs_path]
-    pairs = [row for path in files for row in read_table(path, "pairs").to_pylist()]
-    counts = {"pairs": len(pairs), "pairs_this_iteration": read_table(pairs_path, "pairs").num_rows,
-              "pairs_files": len(files)}
-    if pairs:
-        orpo = orpo_main(pairs=pairs, model_dir=prev_dir, out_dir=out, config=orpo_config)
-        metrics = {k: v for k, v in orpo.items() if isinstance(v, (int, float, str)) or v is None} | counts
-    else:  # a model too weak to make any pair: the previous model, unchanged, says so
-        from factory.modeling import load_model
-        from train.common import save_model_atomically
-
-        print(f"train: no sipf_orpo pairs in {pairs_path} or earlier; ORPO skipped", flush=True)
-        save_model_atomically(*load_model(prev_dir), out)
-        metrics = {"skipped": "no pairs"} | counts
-    record = write_model_lineage(out, stage="train:sipf_orpo", parent=parent,
-                                 data={f"pairs_{i}": path for i, path in enumerate(files)},
-                                 params={"recipe": "sipf_orpo", "orpo": as_dict(orpo_config), "pairs_files": files},
-                                 metrics=metrics)
-    return {"orpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
-
-
-def train_iteration(
-    *,
-    recipe: str,
-    iteration: int,
-    problems_path: str,
-    prev_dir: str,
-    base_dir: str,
-    pairs_path: str,
-    samples_path: str,
-    labels_path: str,
-    work: str,
-    out_dir: str,
-    sampling,
-    filter_config,
-    dpo_config,
-    self_train: SelfTrainConfig,
-    orpo_config=None,
-) -> dict:
-    """Run `recipe`'s training step; the new model lands in `out_dir`. Returns the step's summary."""
-    from factory.lineage import model_id, read_table, write_model_lineage
-    from factory.params import as_dict
-
-    check_recipe(recipe)
-    work_dir, out = Path(work), Path(out_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)  # a stage output for every recipe, empty for DPO-only ones
-    summary: dict = {"recipe": recipe, "iteration": iteration, "prev_model": model_id(prev_dir)}
-    data = {"problems": problems_path}
-
-    sample_from = Path(prev_dir)
-    pairs = read_pairs_for(recipe, pairs_path)
-    if recipe == "sipf_orpo":
-        return summary | _orpo_only(pairs_path=pairs_path, prev_dir=prev_dir, out=out, parent=summary["prev_model"],
-                                    orpo_config=orpo_config)
-    if recipe in PAIR_RULES and not pairs:
-        # A model too weak to get any problem right makes no pairs: say so rather than crash.
-        print(f"train: {pairs_path} has no pairs; DPO skipped", flush=True)
-        summary["dpo"] = {"skipped": "no pairs", "pairs": 0}
-    if recipe in DPO_ONLY:
-        return summary | _dpo_only(pairs=pairs, pairs_path=pairs_path, prev_dir=prev_dir, out=out,
-                                   parent=summary["prev_model"], recipe=recipe, dpo_config=dpo_config)
-    if pairs:
-        from train.dpo import main as dpo_main
-
-        # Trained beside `out` and moved into `out/dpo` at the end: saving the final model replaces `out`.
-        dpo_dir = out.with_name(f".{out.name}.dpo")
-        dpo = dpo_main(pairs=pairs, model_dir=prev_dir, out_dir=dpo_dir, config=dpo_config)
-        dpo_metrics = {k: dpo[k] for k in DPO_METRICS}
-        record = write_model_lineage(dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": pairs_path},
-                                     params={"dpo": as_dict(dpo_config)}, metrics=dpo_metrics)
-        summary["dpo"] = {**dpo_metrics, "model_id": record["model_id"]}
-        data["pairs"] = pairs_path
-        sample_from = dpo_dir
-
-    problems = read_table(problems_path, "problems").to_pylist()
-    if recipe == "sft":
-        examples = gold_examples(problems)
-        init = prev_dir
-    else:
-        first_round = (samples_path, labels_path) if recipe == "self_train" else None
-        counts, kept, labels = _second_round(model_dir=sample_from, problems_path=problems_path, work=work_dir,
-                                             sampling=sampling, self_train=self_train, iteration=iteration,
-                                             first_round=first_round, filter_config=filter_config)
-        examples = self_training_examples(problems, kept, labels)
-        summary["second_round"] = {**counts, "sampled_from": model_id(sample_from),
-                                   "correct_kept": sum(e["sample_id"] is not None for e in examples)}
-        data["self_train_examples"] = str(work_dir / "kept.parquet")
-        init = base_dir if self_train.init == "base" else prev_dir
-
-    dev = dev_problems(problems, self_train.dev_split)
-    sft = train_sft(model_dir=init, examples=examples, dev=dev, out_dir=out, config=self_train,
-                    max_steps=self_train.steps, score_every_steps=self_train.score_every)
-    if pairs:  # the DPO model stays with the final one, traceable from its lineage
-        os.replace(sample_from, out / "dpo")
-    summary["sft"] = {k: sft[k] for k in ("best_step", "dev_accuracy", "steps", "examples")} | {
-        "init": model_id(init), "curve": sft["curve"]}
-    record = write_model_lineage(
-        out, stage=f"train:{recipe}", parent=summary["prev_model"], data=data,
-        params={"recipe": recipe, "self_train": as_dict(self_train), "dpo": as_dict(dpo_config)},
-        metrics={"dev_accuracy": sft["dev_accuracy"], "examples": sft["examples"], "steps": sft["steps"]},
-    )
-    summary["model_id"] = record["model_id"]
-    return summary

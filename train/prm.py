@@ -14,7 +14,7 @@ weights load, the head is freshly initialised; loading fails loudly otherwise).
 Each example is one sample: {"prompt": str, "steps": [str], "labels": [bool],
 "scores": [float]}, where `prompt` is the already formatted model prompt. The
 text is `prompt + "".join(step + "\\n" for step in steps)`: the steps of
-`factory.steps.split_steps`, one per line (the `#### N` line is not a step and
+`factory.reasoning_steps.split_steps`, one per line (the `#### N` line is not a step and
 is not in the text). Step i is judged at the last token of the step, the token
 that holds its newline, found through the fast tokenizer's offset mapping (so
 a token that merges the newline with neighbouring characters is still found).
@@ -57,7 +57,7 @@ AGGREGATES = ("mean", "min")
 class PRMConfig:
     """params.yaml `prm`."""
 
-    steps: int = 300  # optimizer steps
+    max_steps: int = 300  # optimizer steps
     learning_rate: float = 1e-3
     batch_size: int = 16  # samples per step
     max_length: int = 512  # prompt + steps tokens; steps ending beyond are dropped from training
@@ -67,8 +67,8 @@ class PRMConfig:
     aggregate: str = "mean"  # how step scores make a path reward: "mean" | "min"
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"prm.steps must be >= 1; got {self.steps}")
+        if self.max_steps < 1:
+            raise ValueError(f"prm.max_steps must be >= 1; got {self.max_steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"prm.learning_rate must be > 0; got {self.learning_rate}")
         if self.batch_size < 1:
@@ -275,13 +275,13 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
 
     loss_start, accuracy_start = _evaluate(model, encoded, config.head, config.batch_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    schedule = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     generator = torch.Generator().manual_seed(config.seed)
     queue: list[int] = []
     batch_losses = []
     model.train()
     started = time.monotonic()
-    for _ in range(config.steps):
+    for _ in range(config.max_steps):
         batch = []
         while len(batch) < min(config.batch_size, len(encoded)):
             if not queue:
@@ -316,8 +316,8 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
         "train_accuracy_end": round(accuracy_end, 4),
         "batch_loss_first": round(batch_losses[0], 4),
         "batch_loss_last": round(batch_losses[-1], 4),
-        "optimizer_steps": config.steps,
-        "seconds_per_step": round(seconds / config.steps, 3),
+        "optimizer_steps": config.max_steps,
+        "seconds_per_step": round(seconds / config.max_steps, 3),
         "config": asdict(config),
     }
 

@@ -38,14 +38,14 @@ from train.common import LoRASettings, cpu_safe_settings, frozen_base_dtype, is_
 class SFTRunConfig:
     """How one SFT run trains and is scored on dev (shared by params `warmup` and `self_train`)."""
 
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3  # the tiny from-scratch model; a pretrained one wants ~1e-5
     lr_schedule: str = "linear"  # decays to 0 at the end: late epochs settle instead of jittering
-    batch_size: int = 32
+    batch_size: int = 16
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    completion_only_loss: bool = True  # False: also learn the question text (helps a model trained from scratch)
+    completion_only_loss: bool = False  # False: also learn the question text (helps a model trained from scratch)
     dev_split: str = "dev"
-    dev_max_new_tokens: int = 160
+    dev_max_new_tokens: int = 128
     seed: int = 0
     lora: LoRASettings = LoRASettings()  # off: full fine-tuning; on: LoRA adapters, saved merged
 
@@ -55,9 +55,9 @@ class WarmupConfig(SFTRunConfig):
     """params.yaml `warmup`: epochs with early stopping on dev accuracy."""
 
     base_model: str = TINY  # "tiny", a Hub id, a local model folder or a GGUF file (saved as an HF folder)
-    max_epochs: int = 20
-    patience: int = 2  # dev evaluations without improvement before stopping
-    min_epochs: int = 1  # never stop before this: from-scratch models sit near 0% for several epochs
+    max_epochs: int = 16
+    patience: int = 3  # dev evaluations without improvement before stopping
+    min_epochs: int = 10  # never stop before this: from-scratch models sit near 0% for several epochs
     min_delta: float = 0.0  # an improvement must exceed this
 
 

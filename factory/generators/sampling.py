@@ -29,10 +29,10 @@ class SamplingConfig(DecodingConfig):
     """How many rationales to draw per problem, and how (params.yaml `sample`): decoding plus the run."""
 
     temperature: float = 0.7  # DPO-ST samples at T=0.7
-    n: int = 5
+    n: int = 4
     seed: int = 0
     split: str = "answers"  # the pool sampled by `factory sample`; several joined by "+" (answers+unlabeled)
-    limit: int = 0  # sample only the first `limit` problems of each split (0: all)
+    limit: int = 500  # sample only the first `limit` problems of each split (0: all)
     shard_size: int = 64  # problems per checkpointed shard
     backend: str = "hf"  # hf (transformers, CPU or GPU) | vllm (GPU; pip install 'factory[vllm]')
 
