@@ -415,31 +415,37 @@ def cmd_steps(args) -> None:
 def cmd_pairs(args) -> None:
     """Make preference pairs (TRL's prompt/chosen/rejected format) from labelled samples.
 
-    The recipe's pair rule (params `recipe`) makes them, with params `pairs` and the rule's own sub-section.
+    The recipe's pair rule (params `recipe`) makes them, with params `pairs` and the rule's own sub-section; a
+    recipe that trains on no pairs (sft, self_train) gets an empty table, so the pipeline has one shape.
     Example: factory pairs --problems data/problems.parquet --samples data/iter_1/kept.parquet --labels data/iter_1/labels.parquet --model models/iter_0 --iteration 1 --out data/iter_1/pairs.parquet
     """
     from factory.ids import content_hash
-    from factory.io import read_rows_table, write_json
+    from factory.inputs import check_outputs, read_rows
+    from factory.io import write_json
     from factory.lineage import model_id, read_table, write_table
-    from factory.pairs import check_inputs, pairs_table
+    from factory.modeling import check_model_location
+    from factory.pairs import check_inputs, no_pairs, pairs_table
     from factory.params import as_dict
     from factory.recipes import pairs_settings
     from factory.step_stage import read_step_data
 
     params = _params(args)
     recipe = _recipe(args, params)
-    if recipe.pairs is None:
-        raise ValueError(f"recipe {recipe.name!r} trains on no pairs; its pairs stage has nothing to make")
-    config = pairs_settings(recipe.pairs, params, path=args.params)
-    problems_table, samples_table = read_table(args.problems, "problems"), read_rows_table(args.samples)
-    labels_table = read_table(args.labels, "labels")
+    config = pairs_settings(recipe.pairs, params, path=args.params) if recipe.pairs else None
+    check_outputs(out=args.out, summary=args.summary)
+    problems_table, sample_rows = read_table(args.problems, "problems"), read_rows(args.samples, "samples")
+    samples_table, labels_table = sample_rows.table, read_table(args.labels, "labels")
     problems, samples, labels = problems_table.to_pylist(), samples_table.to_pylist(), labels_table.to_pylist()
-    for row, sample in enumerate(samples):
-        for field in ("sample_id", "problem_id", "text"):
-            if not isinstance(sample.get(field), str):
-                raise ValueError(f"{args.samples}: row {row} field {field!r}: expected a string, got {sample.get(field)!r}")
+    for field in ("text", "sample_id", "problem_id"):  # pairs need the ids `factory label` gave every sample
+        if field not in samples_table.column_names:
+            raise ValueError(f"{args.samples}: samples table has no column {field!r}")
+        for index, sample in enumerate(samples):
+            if not isinstance(sample[field], str):
+                raise ValueError(f"{args.samples}: {sample_rows.where(index)} field {field!r}: expected a string, "
+                                 f"got {sample[field]!r}")
     check_inputs(problems, samples, labels, sources={"samples": str(args.samples), "labels": str(args.labels),
                                                      "problems": str(args.problems)})
+    check_model_location(args.model, needs="tokenizer_config.json")  # only its tokenizer formats the prompts
 
     from transformers import AutoTokenizer
 
@@ -447,11 +453,14 @@ def cmd_pairs(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt_for = lambda question: format_prompt(tokenizer, question)  # noqa: E731
-    pairs, summary = pairs_table(recipe.pairs, problems_table, samples_table, labels_table, prompt_for=prompt_for,
-                                 iteration=args.iteration, config=config, steps=read_step_data(args.steps))
+    if recipe.pairs is None:
+        pairs, summary = no_pairs(recipe.name, args.iteration, samples)
+    else:
+        pairs, summary = pairs_table(recipe.pairs, problems_table, samples_table, labels_table, prompt_for=prompt_for,
+                                     iteration=args.iteration, config=config, steps=read_step_data(args.steps))
     # The prompt format is part of what made the rows: record it (not the whole model's weights).
-    record = {"recipe": recipe.name, "pairs": as_dict(config), "iteration": args.iteration, "model": str(args.model),
-              "prompt_format": content_hash(prompt_for("{question}"))}
+    record = {"recipe": recipe.name, "pairs": as_dict(config) if config else None, "iteration": args.iteration,
+              "model": str(args.model), "prompt_format": content_hash(prompt_for("{question}"))}
     inputs = {"problems": args.problems, "samples": args.samples, "labels": args.labels}
     if args.steps:
         inputs["steps"] = args.steps
@@ -460,7 +469,7 @@ def cmd_pairs(args) -> None:
     if args.summary:
         write_json(args.summary, summary)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items())
-    print(f"{args.out}: {summary['pairs']} {config.rule} pairs from {summary['problems_with_pairs']} of "
+    print(f"{args.out}: {summary['pairs']} {summary['recipe']} pairs from {summary['problems_with_pairs']} of "
           f"{summary['problems_seen']} problems (skipped: {skipped})")
 
 

@@ -1,4 +1,4 @@
-"""Atomic writes and tolerant reads of user files (Parquet or JSONL).
+"""Atomic writes: a file appears whole or not at all, and a killed writer's temp file is cleaned later.
 
 Every output is written to a temporary file beside its target and renamed into
 place, so a killed stage never leaves a half-written file that DVC or a later
@@ -13,14 +13,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-
-class InputError(ValueError):
-    """A user-supplied file cannot be read; the message names the file, line and field."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -90,56 +82,3 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, value: object) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Objects of a JSONL file; blank lines skipped; a bad line is an InputError naming it."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _column(path: Path, name: str, values: list) -> pa.Array:
-    """One JSONL field as an Arrow column; a value whose type disagrees with the rest is named."""
-    import pyarrow as pa
-
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        first = next(v for v in values if v is not None)
-        for row, value in enumerate(values):
-            if value is not None and type(value) is not type(first):
-                raise InputError(
-                    f"{path}: row {row} field {name!r}: got {value!r} ({type(value).__name__}), "
-                    f"but earlier rows have {type(first).__name__}"
-                ) from None
-        raise InputError(f"{path}: field {name!r}: values cannot form one column") from None
-
-
-def read_rows_table(path: str | Path) -> pa.Table:
-    """A Parquet file, or a JSONL file as a table (columns from the union of keys)."""
-    import pyarrow as pa
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix in {".jsonl", ".json", ".ndjson"}:
-        rows = read_jsonl(path)
-        names = list(dict.fromkeys(key for row in rows for key in row))
-        return pa.table({name: _column(path, name, [row.get(name) for row in rows]) for name in names})
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"{path}: not a readable Parquet file ({error})") from None

@@ -107,11 +107,12 @@ def looks_local(name_or_path: str | Path) -> bool:
     return text.count("/") > 1 or ("/" in text and Path(text.split("/", 1)[0]).is_dir())
 
 
-def check_model_location(name_or_path: str | Path) -> None:
+def check_model_location(name_or_path: str | Path, *, needs: str = "config.json") -> None:
     """A one-line error, before any loading, for a model that cannot be there.
 
-    A local path must be a folder holding config.json; a Hub id is left to the Hub loader, except that with
-    HF_HUB_OFFLINE set it must already be in the local Hugging Face cache.
+    A local path must be a folder holding `needs` (config.json; a command that reads only the tokenizer asks
+    for tokenizer_config.json); a Hub id is left to the Hub loader, except that with HF_HUB_OFFLINE set it must
+    already be in the local Hugging Face cache.
     """
     import os
 
@@ -122,13 +123,13 @@ def check_model_location(name_or_path: str | Path) -> None:
             raise FileNotFoundError(f"no such model folder: {text}")
         if not path.is_dir():
             raise ValueError(f"{text}: not a model folder (a file; a GGUF model file must end in .gguf)")
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{text}: not a model folder (no config.json in it)")
+        if not (path / needs).is_file():
+            raise ValueError(f"{text}: not a model folder (no {needs} in it)")
         return
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+        if not isinstance(try_to_load_from_cache(text, needs), str):
             raise FileNotFoundError(
                 f"model {text!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
 

@@ -20,15 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pyarrow as pa
-
 from factory.ids import content_id
-from factory.problems.files import unknown_problem
-from factory.schema import from_rows
 from factory.reasoning_steps import prefix_text
 from factory.text import jaccard, word_set
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pyarrow is imported where tables are made: the registry stays light for the CLI's fast paths
+    import pyarrow as pa
+
     from factory.recipes import PairRule
 
 NO_POSITIVE = "no_positive"  # no correct (or majority) sample and no gold rationale to prefer
@@ -110,6 +108,8 @@ def check_inputs(
     sample and the file (`sources` maps "samples"/"labels"/"problems" to file
     names; an unknown problem is `factory.problems.files.unknown_problem`).
     """
+    from factory.problems.files import unknown_problem
+
     names = {"samples": "<samples>", "labels": "<labels>", **(sources or {})}
     problem_ids = {p["problem_id"] for p in problems}
     label_by_id: dict[str, dict] = {}
@@ -121,13 +121,13 @@ def check_inputs(
     for index, sample in enumerate(samples):
         sample_id = sample["sample_id"]
         if sample_id in seen:
-            raise ValueError(f"{names['samples']}: row {index}: sample {sample_id!r} appears twice")
+            raise ValueError(f"{names['samples']}: row {index + 1}: sample {sample_id!r} appears twice")
         seen.add(sample_id)
         if sample["problem_id"] not in problem_ids:
             raise unknown_problem(names["samples"], index, sample["problem_id"], names.get("problems"))
         if sample_id not in label_by_id:
             raise ValueError(f"{names['labels']}: no label for sample {sample_id!r} "
-                             f"(row {index} of {names['samples']})")
+                             f"(row {index + 1} of {names['samples']})")
     return label_by_id
 
 
@@ -211,6 +211,16 @@ def group_by_problem(samples: list[dict]) -> dict[str, list[dict]]:
     return {p: sorted(group, key=lambda s: s["sample_id"]) for p, group in sorted(by_problem.items())}
 
 
+def no_pairs(recipe: str, iteration: int, samples: list[dict]) -> tuple[pa.Table, dict]:
+    """The pairs stage of a recipe that trains on no pairs: an empty table, and a summary that says so."""
+    from factory.schema import from_rows
+
+    summary = {"recipe": recipe, "iteration": iteration, "problems_seen": len({s["problem_id"] for s in samples}),
+               "problems_with_pairs": 0, "pairs": 0, "pairs_with_gold": 0, "mean_weight": None, "skipped": {},
+               "no_pair_rule": True}
+    return from_rows([], "pairs"), summary
+
+
 def pairs_table(
     rule: PairRule,
     problems: pa.Table,
@@ -223,6 +233,8 @@ def pairs_table(
     steps: StepData | None = None,
 ) -> tuple[pa.Table, dict]:
     """The `pairs` table and the summary of `rule` on Arrow tables: its bulk version when it has one."""
+    from factory.schema import from_rows
+
     if rule.bulk is not None:
         result = rule.bulk(problems, samples, labels, prompt_for=prompt_for, iteration=iteration, config=config)
         if result is not None:

@@ -206,16 +206,8 @@ READERS = {  # which commands read which input, and which damage applies to it
     "problems": (["label", "sample", "eval", "pairs"], PARQUET_DAMAGE),
     "labels": (["filter"], [missing, empty, folder, truncated, wrong_kind, nan]),
 }
-# Known gaps, in code this change does not own: `factory pairs` (cli.cmd_pairs, factory/pairs.py) reads its
-# samples with factory.io.read_rows_table, not factory.inputs.read_rows (no provenance kind, duplicate, NaN,
-# UTF-8 or empty-file check; 0-based rows), and does not check --model before loading its tokenizer. Strict:
-# once fixed these pass, and the entry must go.
-_PAIRS_GAP = "cmd_pairs reads --samples with factory.io.read_rows_table (issue 21: use factory.inputs.read_rows)"
-KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    ("pairs", "samples", name): _PAIRS_GAP for name in ("wrong_kind", "duplicates", "nan")} | {
-    ("pairs", "samples_jsonl", name): _PAIRS_GAP for name in (
-        "not_utf8_jsonl", "duplicates_jsonl", "infinity_jsonl", "empty_jsonl", "pairs_jsonl_as_samples",
-        "text_not_string_jsonl")}
+# Cases a command still gets wrong (strict xfail: once fixed, the entry must go).
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 CASES = [(command, role, damage) for role, (cmds, damages) in READERS.items() for damage in damages
          for command in cmds]

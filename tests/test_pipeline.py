@@ -126,7 +126,6 @@ def test_step_level_recipes_run_in_the_same_pipeline_and_pass_the_gate(project):
     for recipe, extra in (("scdpo", {}), ("sipf_orpo", {"filter": {"calculator_consistent": True}})):
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["recipe"] = recipe
-        params["pairs"]["recipe"] = recipe
         for section, values in extra.items():
             params[section] |= values
         (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -147,7 +146,7 @@ def test_step_level_recipes_run_in_the_same_pipeline_and_pass_the_gate(project):
     # The growing dataset: iteration 2's ORPO trained on iteration 1's pairs file and its own.
     assert lineage["params"]["pairs_files"] == ["data/iter_1/pairs.parquet", "data/iter_2/pairs.parquet"]
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["recipe"], params["pairs"]["recipe"], params["filter"]["calculator_consistent"] = "dpo_st", "dpo_st", False
+    params["recipe"], params["filter"]["calculator_consistent"] = "dpo_st", False
     (project / "params.yaml").write_text(yaml.safe_dump(params))  # the next tests start from dpo_st again
 
 

@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import pyarrow as pa
-
 from factory.pairs import NO_POSITIVE, PairsConfig, StepData, check_inputs, group_by_problem, pair_row, summarize
 from factory.recipes.base import PairRule, Recipe, register
-from factory.step_stage import SAMPLES_FILE
 
 NO_MARGIN = "no_margin"  # no sample's path reward is eta below a correct sample's
 NO_PROCESS_SCORE = "no_process_score"  # the PRM scored none of the problem's samples
@@ -122,8 +119,10 @@ def sipf_orpo_pairs(problems: list[dict], samples: list[dict], labels: list[dict
 
 
 def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labels, steps_config, prm_config,
-                     out_dir: Path, policy_id: str, tokenizer) -> tuple[list[pa.Table], dict]:
+                     out_dir: Path, policy_id: str, tokenizer) -> tuple[list, dict]:
     """SIPF's process feedback: rollout step scores, a PRM trained on them, the PRM's scores of every kept sample."""
+    import pyarrow as pa
+
     from factory.labelers.process import error_drop_rate, rollout_scores
     from factory.lineage import model_id, write_model_lineage
     from factory.modeling import format_prompt
@@ -144,6 +143,8 @@ def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labe
     if not examples:
         print("steps: no sample could be rolled out; no process reward model", flush=True)
         return [scored], summary
+    from factory.step_stage import SAMPLES_FILE
+
     prm_dir = out_dir / PRM_DIR
     metrics = train_prm(examples=examples, model_dir=model_dir, out_dir=prm_dir, config=prm_config)
     record = write_model_lineage(prm_dir, stage="prm", parent=policy_id,
