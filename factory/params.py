@@ -113,6 +113,24 @@ def _type_error(value: Any, hint: Any) -> str | None:
     return None
 
 
+# Every number in params is a count, size, rate, weight or threshold, so none is negative, except these; and
+# these sizes are at least 1. A config class's own checks add the finer ranges (top_p in (0, 1], ...).
+SIGNED = frozenset({"temperature_step"})
+AT_LEAST_ONE = frozenset({"batch_size", "max_length", "max_new_tokens", "dev_max_new_tokens", "epochs", "max_epochs",
+                          "max_steps", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                          "ngram", "n", "shard_size", "score_every", "rollouts", "width", "simulations", "max_depth",
+                          "max_step_tokens", "attempts", "parents_per_problem", "negatives_per_problem",
+                          "pairs_per_problem", "max_operand", "max_base", "max_factor", "max_value"})
+
+
+def _range_error(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or name in SIGNED:
+        return None
+    if name in AT_LEAST_ONE and value < 1:
+        return ">= 1"
+    return ">= 0" if value < 0 else None
+
+
 def build(cls: type[T], values: dict[str, Any] | None, *, where: str) -> T:
     """`cls(**values)` with tuples for list fields and a clear error for unknown keys and wrong types."""
     if values is not None and not isinstance(values, dict):
@@ -127,6 +145,8 @@ def build(cls: type[T], values: dict[str, Any] | None, *, where: str) -> T:
     for name, value in values.items():
         if (reason := _type_error(value, hints[name])) is not None:
             raise ParamsError(f"{where}, key {name!r}: expected {reason}, got {value!r}")
+        if (reason := _range_error(name, value)) is not None:
+            raise ParamsError(f"{where}, key {name!r}: must be {reason}, got {value!r}")
         if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             values[name] = tuple(value)
         elif isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):  # a nested section, e.g. dpo.lora

@@ -36,6 +36,15 @@ class SamplingConfig(DecodingConfig):
     shard_size: int = 64  # problems per checkpointed shard
     backend: str = "hf"  # hf (transformers, CPU or GPU) | vllm (GPU; pip install 'factory[vllm]')
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, low in (("n", 1), ("limit", 0), ("shard_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}"
+                                 + (" (0: the whole split)" if name == "limit" else ""))
+        if not self.split or any(not part for part in self.split.split("+")):
+            raise ValueError(f"split must name one or more splits joined by '+', got {self.split!r}")
+
     def request_params(self) -> dict:
         """The decoding settings that change a sample's text (batch size does not)."""
         return {f.name: getattr(self, f.name) for f in fields(DecodingConfig) if f.name != "batch_size"}
