@@ -141,7 +141,10 @@ def check_params(params: Mapping[str, Any], *, path: str | Path) -> Recipe:
     """The recipe params name, after checking that params (and every iteration's overrides) meet its needs."""
     from factory.params import with_iteration
 
-    recipe = get_recipe(params.get("recipe", "dpo_st"))
+    try:
+        recipe = get_recipe(params.get("recipe", "dpo_st"))
+    except ValueError as error:
+        raise ValueError(f"{path}: key 'recipe': {error}") from None
     views = [("", params)] + [(f" (iteration {k})", with_iteration(params, int(k), path=path))
                               for k in (params.get("iterations") or {})]
     for where, view in views:
