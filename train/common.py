@@ -1,9 +1,13 @@
-"""What every trainer shares: CPU-safe TRL settings, the LoRA option and atomic model saving."""
+"""What every trainer shares: CPU-safe TRL settings, the LoRA option, atomic model saving and checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +121,9 @@ def save_model_atomically(model, tokenizer, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    from factory.io import remove_stale
+
+    remove_stale(out_dir.parent, f".{out_dir.name}.tmp-")  # a save killed half-way (its writer is gone)
     # How the tokenizer was loaded (offline or not) is not part of it: left in, it would make the
     # saved bytes, the model_id and every sample id depend on HF_HUB_OFFLINE.
     tokenizer.init_kwargs.pop("local_files_only", None)
@@ -136,3 +143,175 @@ def last_epoch_mean(history: list[dict], key: str) -> float | None:
     last = max(e["epoch"] for e in logged)
     values = [e[key] for e in logged if e["epoch"] > last - 1]
     return round(sum(values) / len(values), 4)
+
+
+# How often a long training run checkpoints, in seconds of training (default: every 10 minutes). A property of
+# the machine, not of the output, so it is an environment variable rather than a params key: it changes no
+# stage's params and no lineage. 0 checkpoints at every opportunity (the resume tests); "off" never.
+CHECKPOINT_SECONDS_ENV = "FACTORY_CHECKPOINT_SECONDS"
+DEFAULT_CHECKPOINT_SECONDS = 600.0
+_COMPLETE = "checkpoint-complete.json"  # written last, atomically: a checkpoint folder without it is partial
+_EXTRA = "factory-state.pt"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    """Where the checkpoints of a training run writing `out_dir` live: `.NAME.checkpoints` beside it.
+
+    Beside the output, not in it, as sampling shards are (`factory.shards`): DVC clears a stage's outputs
+    before re-running it, and a killed run's checkpoints must outlive that.
+    """
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.checkpoints")
+
+
+def checkpoint_seconds() -> float | None:
+    value = os.environ.get(CHECKPOINT_SECONDS_ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_CHECKPOINT_SECONDS
+    if value in {"off", "no", "none", "never"}:
+        return None
+    seconds = float(value)
+    if seconds < 0:
+        raise ValueError(f"{CHECKPOINT_SECONDS_ENV} must be >= 0 seconds or 'off', got {value!r}")
+    return seconds
+
+
+def digest(value) -> str:
+    """A stable hash of a JSON-able value (rows, configs): part of a run's checkpoint fingerprint."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_fingerprint(kind: str, *, model_dir: str | Path, **parts) -> str:
+    """What makes a training run's output: its kind, starting model (its weights' id), data, config, and the
+    library versions. Checkpoints of a run with another fingerprint are never resumed."""
+    import torch
+    import transformers
+    import trl
+
+    from factory.lineage import model_id
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    return digest({"kind": kind, "model": model_id(model_dir), "versions": versions, **parts})[:16]
+
+
+class Checkpoints:
+    """Checkpoints of one Trainer run in `.OUT.checkpoints/<fingerprint>/`, and resuming from the last one.
+
+    Trainer saves `checkpoint-N/` (weights, optimizer, scheduler, RNG states, trainer state) whenever the
+    callback asks it to, at most every `checkpoint_seconds()` of training, and never at the run's last step;
+    with `at_epoch_end`, only after an epoch's end (where an epoch-scored run has scored it). After Trainer's
+    files, the callback writes what else the run needs to continue exactly as if never stopped: the loss not yet
+    logged (so later log entries are the same), and `get_state()` of the caller (e.g. the dev scorer's best
+    weights), then a completion marker, atomically; then older checkpoints go. A folder without the marker (a
+    save the kill cut short) is never resumed and is removed. `clear()` removes every checkpoint of the output
+    once its final model is saved (those of killed runs with other fingerprints too).
+
+    Resuming gives the same final weights, bit for bit on a CPU: data order, dropout and every other RNG are
+    restored by Trainer (seeded sampler per epoch, RNG states), the optimizer and schedule by their states.
+    """
+
+    def __init__(self, out_dir: str | Path, fingerprint: str, *, at_epoch_end: bool = False,
+                 get_state: Callable[[], dict] | None = None, set_state: Callable[[dict], None] | None = None):
+        self.root = checkpoint_root(out_dir).absolute()
+        self.folder = self.root / fingerprint
+        self.fingerprint = fingerprint
+        self.interval = checkpoint_seconds()
+        self.at_epoch_end = at_epoch_end
+        self.get_state, self.set_state = get_state, set_state
+        self.trainer = None
+        self.resumed_from: Path | None = None
+        self.callback = self._callback()
+
+    def output_dir(self) -> str:
+        """Trainer's `output_dir`: the fingerprint's folder (Trainer writes nothing else there with saves off)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return str(self.folder)
+
+    def last(self) -> Path | None:
+        """The newest complete checkpoint of this run, or None; partial ones are removed."""
+        if not self.folder.is_dir():
+            return None
+        found = sorted((f for f in self.folder.glob("checkpoint-*") if f.is_dir() and f.name[11:].isdigit()),
+                       key=lambda f: int(f.name[11:]))
+        complete = [f for f in found if (f / _COMPLETE).is_file()]
+        for f in found:
+            if not complete or f != complete[-1]:
+                shutil.rmtree(f, ignore_errors=True)
+        return complete[-1] if complete else None
+
+    def train(self, trainer):
+        """`trainer.train()`, resumed from the last complete checkpoint of this run if there is one."""
+        self.trainer = trainer
+        checkpoint = self.last()
+        if checkpoint is not None:
+            self.resumed_from = checkpoint
+            print(f"resuming from {checkpoint}", flush=True)
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    def clear(self) -> None:
+        """Remove the checkpoints of this output (the final model is saved) and any a killed writer left."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        from factory.io import remove_stale
+
+        remove_stale(self.root.parent, f".{self.root.name}.tmp-")
+
+    def _callback(self):
+        from transformers import TrainerCallback
+
+        owner = self
+
+        class CheckpointCallback(TrainerCallback):
+            def __init__(self):
+                self.last_save = time.monotonic()
+
+            def _due(self, state, control) -> bool:
+                if owner.interval is None or control.should_training_stop or state.global_step >= state.max_steps:
+                    return False
+                return time.monotonic() - self.last_save >= owner.interval
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.last_save = time.monotonic()
+                if owner.resumed_from is not None:
+                    owner._restore(owner.resumed_from)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if not owner.at_epoch_end and self._due(state, control):
+                    control.should_save = True
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                if owner.at_epoch_end and self._due(state, control):
+                    control.should_save = True
+
+            def on_save(self, args, state, control, **kwargs):
+                owner._complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                self.last_save = time.monotonic()
+
+        return CheckpointCallback()
+
+    def _complete(self, checkpoint: Path) -> None:
+        import torch
+
+        from factory.io import atomic_path, write_text
+
+        trainer = self.trainer
+        extra = {"tr_loss": trainer._tr_loss.detach().clone(), "total_loss_scalar": trainer._total_loss_scalar,
+                 "globalstep_last_logged": trainer._globalstep_last_logged,
+                 "caller": self.get_state() if self.get_state else None}
+        with atomic_path(checkpoint / _EXTRA) as tmp:
+            torch.save(extra, tmp)
+        write_text(checkpoint / _COMPLETE, json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        for older in self.folder.glob("checkpoint-*"):
+            if older != checkpoint:
+                shutil.rmtree(older, ignore_errors=True)
+
+    def _restore(self, checkpoint: Path) -> None:
+        import torch
+
+        extra = torch.load(checkpoint / _EXTRA, weights_only=False)
+        trainer = self.trainer
+        trainer._tr_loss = extra["tr_loss"].to(trainer._tr_loss.device)
+        trainer._total_loss_scalar = extra["total_loss_scalar"]
+        trainer._globalstep_last_logged = extra["globalstep_last_logged"]
+        if self.set_state and extra["caller"] is not None:
+            self.set_state(extra["caller"])

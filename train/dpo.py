@@ -34,14 +34,13 @@ Where we depart from the papers:
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import (LoRASettings, cpu_safe_settings, frozen_base_dtype, is_lora, last_epoch_mean,
-                          save_model_atomically)
+from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, is_lora,
+                          last_epoch_mean, run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,29 +210,34 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
                                   "weight": float(p.get("weight", 1.0)), "chosen_open": open_ended(p, "chosen"),
                                   "rejected_open": open_ended(p, "rejected")} for p in pairs])
     steps_per_epoch = -(-len(pairs) // config.batch_size)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = DPOConfig(
-            output_dir=scratch,
-            num_train_epochs=config.epochs,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            beta=config.beta,
-            loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
-            max_length=config.max_length,
-            precompute_ref_log_probs=True,  # reference = the starting model (LoRA: adapters off), scored once
-            logging_steps=max(1, steps_per_epoch // 4),
-            seed=config.seed,
-            data_seed=config.seed,
-            **cpu_safe_settings(),
-        )
-        trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset,
-                                          processing_class=trainer_tokenizer(tokenizer),
-                                          nll_weight=config.nll_weight, peft_config=config.lora.peft_config())
-        started = time.monotonic()
-        trainer.train()
-        seconds = time.monotonic() - started
+    # Checkpoints beside the output, for this exact run (start model, pairs, config) only; a resumed run ends with
+    # the same weights. The reference log-probs are recomputed from the start model, as the first run did.
+    fingerprint = run_fingerprint("dpo", model_dir=model_dir, pairs=digest(dataset.to_list()), config=asdict(config))
+    checkpoints = Checkpoints(out_dir, fingerprint)
+    args = DPOConfig(
+        output_dir=checkpoints.output_dir(),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        beta=config.beta,
+        loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
+        max_length=config.max_length,
+        precompute_ref_log_probs=True,  # reference = the starting model (LoRA: adapters off), scored once
+        logging_steps=max(1, steps_per_epoch // 4),
+        seed=config.seed,
+        data_seed=config.seed,
+        **cpu_safe_settings(),
+    )
+    trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset,
+                                      processing_class=trainer_tokenizer(tokenizer),
+                                      nll_weight=config.nll_weight, peft_config=config.lora.peft_config(),
+                                      callbacks=[checkpoints.callback])
+    started = time.monotonic()
+    checkpoints.train(trainer)
+    seconds = time.monotonic() - started
     save_model_atomically(trainer.model, tokenizer, out_dir)  # LoRA: merged into the weights
+    checkpoints.clear()
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step

@@ -23,7 +23,6 @@ of optimizer steps instead, so recipes compare at equal training compute.
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 from factory.evaluate import EvalConfig, evaluate
 from factory.modeling import (TINY, TinyModelConfig, build_tiny_model, count_parameters, format_completion,
                               format_prompt, load_model, trainer_tokenizer)
-from train.common import LoRASettings, cpu_safe_settings, frozen_base_dtype, is_lora, save_model_atomically
+from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, is_lora,
+                          run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +134,15 @@ class _DevScorer:
 
         self.callback = Callback()
 
+    def state(self) -> dict:
+        """What a resumed run needs to score on as this one would: saved with each checkpoint."""
+        return {"history": self.history, "best_accuracy": self.best_accuracy, "best_state": self.best_state,
+                "stale": self.stale}
+
+    def restore(self, state: dict) -> None:
+        self.history, self.best_accuracy = state["history"], state["best_accuracy"]
+        self.best_state, self.stale = state["best_state"], state["stale"]
+
     def score(self, model, state, control) -> None:
         evaluation = evaluate(model, self.tokenizer, self.dev, self.eval_config, show_progress=False)
         accuracy = evaluation.scores[self.split].accuracy
@@ -199,33 +208,41 @@ def train_sft(
     )
     scorer = _DevScorer(tokenizer, dev, config, every_steps=score_every_steps, patience=patience,
                         min_epochs=min_epochs, min_delta=min_delta)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(
-            output_dir=scratch,
-            num_train_epochs=epochs,
-            max_steps=max_steps or -1,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type=config.lr_schedule,
-            warmup_steps=config.warmup_steps,
-            weight_decay=config.weight_decay,
-            max_length=getattr(model.config, "max_position_embeddings", None) or 1024,
-            completion_only_loss=config.completion_only_loss,
-            logging_steps=max(1, min(steps_per_epoch, score_every_steps or steps_per_epoch) // 4),
-            seed=config.seed,
-            data_seed=config.seed,
-            **cpu_safe_settings(),
-        )
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=trainer_tokenizer(tokenizer),
-            callbacks=[scorer.callback],
-            peft_config=config.lora.peft_config(),
-        )
-        trainer.train()
+    # Checkpoints beside the output, for this exact run only: another start model, data or schedule is another
+    # fingerprint. An epoch-scored run checkpoints after an epoch's scoring, so a resumed one sees every score.
+    fingerprint = run_fingerprint("sft", model_dir=model_dir, examples=digest(examples), dev=digest(dev),
+                                  config=asdict(config), epochs=epochs, max_steps=max_steps,
+                                  score_every_steps=score_every_steps, patience=patience, min_epochs=min_epochs,
+                                  min_delta=min_delta)
+    checkpoints = Checkpoints(out_dir, fingerprint, at_epoch_end=not score_every_steps, get_state=scorer.state,
+                              set_state=scorer.restore)
+    args = SFTConfig(
+        output_dir=checkpoints.output_dir(),
+        num_train_epochs=epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_schedule,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_length=getattr(model.config, "max_position_embeddings", None) or 1024,
+        completion_only_loss=config.completion_only_loss,
+        logging_steps=max(1, min(steps_per_epoch, score_every_steps or steps_per_epoch) // 4),
+        seed=config.seed,
+        data_seed=config.seed,
+        **cpu_safe_settings(),
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=trainer_tokenizer(tokenizer),
+        callbacks=[scorer.callback, checkpoints.callback],  # the checkpoint's after the scorer's: it saves its state
+        peft_config=config.lora.peft_config(),
+    )
+    checkpoints.train(trainer)
     model = trainer.model  # with LoRA, the peft model around the base
     if scorer.best_state is not None:
         model.load_state_dict(scorer.best_state, strict=not is_lora(model))
     save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
+    checkpoints.clear()
     best = max(scorer.history, key=lambda h: h["dev_accuracy"])
     return {
         "curve": scorer.history,

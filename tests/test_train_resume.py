@@ -1,0 +1,154 @@
+"""Killed anywhere, resumed identical (issue 21): SIGKILL a training command once it has checkpointed, run it
+again, and the final weights are the bytes an uninterrupted run writes, with nothing left beside them.
+
+Each command runs in a subprocess with FACTORY_CHECKPOINT_SECONDS=0 (a checkpoint at every opportunity), is
+killed as soon as the first complete checkpoint (or sampling shard) appears, then runs again to the end. The
+uninterrupted references are the in-process runs of the module's fixture (no checkpoints: the default interval
+is 10 minutes).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factory.cli import main as cli
+from factory.lineage import model_id
+
+pytestmark = pytest.mark.slow
+
+PARAMS = {
+    "problems": {"arith": {"seed": 5, "sizes": {"train": 12, "dev": 6, "answers": 4, "unlabeled": 2, "test": 4,
+                                                  "test_ood": 2}}},
+    "model": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+              "max_length": 384},
+    "warmup": {"max_epochs": 8, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0, "patience": 20,
+               "dev_max_new_tokens": 8},
+    "sample": {"split": "train", "n": 2, "max_new_tokens": 64, "shard_size": 3},
+    "filter": {"min_steps": 0, "max_tokens": 256},
+    # Several steps after the first checkpoint, so the kill lands mid-run.
+    "dpo": {"epochs": 3, "batch_size": 4, "warmup_steps": 0},
+    "self_train": {"n": 2, "max_steps": 8, "score_every": 2, "batch_size": 4, "warmup_steps": 0,
+                   "dev_max_new_tokens": 8},
+}
+CLI = "import sys; from factory.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    args = ["--params", str(root / "params.yaml")]
+    assert cli(["problems", "arith", "--out", p(root, "problems.parquet")] + args) == 0
+    assert cli(["base", "--problems", p(root, "problems.parquet"), "--out", p(root, "base")] + args) == 0
+    assert cli(warmup_argv(root, "prev")) == 0  # the uninterrupted warm-up
+    assert cli(["sample", "--model", p(root, "prev"), "--problems", p(root, "problems.parquet"), "--iteration", "1",
+                "--out", p(root, "samples.parquet")] + args) == 0
+    assert cli(["label", p(root, "samples.parquet"), "--problems", p(root, "problems.parquet"), "--out",
+                p(root, "labels.parquet"), "--summary", p(root, "label.json")]) == 0
+    assert cli(["filter", p(root, "samples.parquet"), "--labels", p(root, "labels.parquet"), "--out",
+                p(root, "kept.parquet"), "--dropped", p(root, "dropped.parquet"), "--iteration", "1"] + args) == 0
+    assert cli(["pairs", "--problems", p(root, "problems.parquet"), "--samples", p(root, "kept.parquet"), "--labels",
+                p(root, "labels.parquet"), "--model", p(root, "prev"), "--iteration", "1", "--out",
+                p(root, "pairs.parquet")] + args) == 0
+    return root
+
+
+def p(root: Path, *parts: str) -> str:
+    return str(root.joinpath(*parts))
+
+
+def warmup_argv(root, out):
+    return ["warmup", "--problems", p(root, "problems.parquet"), "--base", p(root, "base"), "--out", p(root, out),
+            "--params", p(root, "params.yaml")]
+
+
+def dpo_argv(root, out):
+    return ["dpo", "--pairs", p(root, "pairs.parquet"), "--model", p(root, "prev"), "--out", p(root, out),
+            "--params", p(root, "params.yaml")]
+
+
+def train_argv(root, name):
+    return ["train", "--recipe", "dpo_st", "--iteration", "1", "--problems", p(root, "problems.parquet"),
+            "--prev", p(root, "prev"), "--base", p(root, "base"), "--pairs", p(root, "pairs.parquet"),
+            "--samples", p(root, "samples.parquet"), "--labels", p(root, "labels.parquet"),
+            "--work", p(root, f"work_{name}"), "--out", p(root, name), "--summary", p(root, f"{name}.json"),
+            "--params", p(root, "params.yaml")]
+
+
+def env():
+    return {**os.environ, "FACTORY_CHECKPOINT_SECONDS": "0", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def kill_when(argv, root: Path, pattern: str, timeout: float = 120) -> None:
+    """Run the CLI with `argv` and SIGKILL it as soon as a file matching `pattern` (under `root`) exists."""
+    process = subprocess.Popen([sys.executable, "-c", CLI, *argv], env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(root.glob(pattern)):
+            assert process.poll() is None, f"finished before it could be killed:\n{process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL, "finished before the kill landed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def run_to_end(argv) -> str:
+    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def assert_same_model(resumed: Path, reference: Path) -> None:
+    assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert model_id(resumed) == model_id(reference)
+
+
+def assert_nothing_left(root: Path, *names: str) -> None:
+    """No checkpoint, shard or temp folder of the outputs `names` is left beside them."""
+    left = [e.name for e in root.iterdir() if e.name.startswith(".") and any(n in e.name for n in names)]
+    left += [str(e) for n in names if (root / n).exists() for e in (root / n).rglob("*") if ".tmp" in e.name]
+    assert left == []
+
+
+CHECKPOINT = "checkpoints/*/checkpoint-*/checkpoint-complete.json"
+
+
+def test_warmup_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
+    kill_when(warmup_argv(project, "warm"), project, f".warm.{CHECKPOINT}")
+    assert not (project / "warm").exists()
+    out = run_to_end(warmup_argv(project, "warm"))
+    assert "resuming from" in out
+    assert_same_model(project / "warm", project / "prev")
+    assert_nothing_left(project, "warm")
+
+
+def test_dpo_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
+    assert cli(dpo_argv(project, "dpo_ref")) == 0
+    kill_when(dpo_argv(project, "dpo"), project, f".dpo.{CHECKPOINT}")
+    out = run_to_end(dpo_argv(project, "dpo"))
+    assert "resuming from" in out
+    assert_same_model(project / "dpo", project / "dpo_ref")
+    assert_nothing_left(project, "dpo")
+
+
+def test_dpo_st_killed_in_the_second_round_and_in_sft_resumes_to_the_same_weights(project):
+    assert cli(train_argv(project, "ref")) == 0
+    # Killed during the second round of sampling (after its first shard), then during the final SFT.
+    kill_when(train_argv(project, "st"), project, ".work_st-samples.shards/job-*/shard-*.parquet")
+    kill_when(train_argv(project, "st"), project, f".st.{CHECKPOINT}")
+    out = run_to_end(train_argv(project, "st"))
+    assert "resuming from" in out
+    assert_same_model(project / "st", project / "ref")
+    assert_same_model(project / "st" / "dpo", project / "ref" / "dpo")
+    assert_nothing_left(project, "st")
