@@ -27,11 +27,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
+from factory.lineage import model_id, read_table, write_model_lineage, write_table
+from factory.params import as_dict
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
 # The second round of sampling draws its noise from another stream than `sample@k`
@@ -42,7 +44,6 @@ SECOND_ROUND_SEED_OFFSET = 1_000_003
 @dataclass(frozen=True, kw_only=True)
 class SelfTrainConfig(SFTRunConfig):
     """params.yaml `self_train`: the second round of sampling and the SFT step of every iteration."""
-
     n: int = 4  # rationales per problem drawn for the self-training set
     init: str = "base"  # SFT from "base" (DPO-ST: avoids overfitting across iterations) or from "prev"
     max_steps: int = 1000  # optimizer steps of the SFT step, the same for every recipe (equal compute)
@@ -61,7 +62,6 @@ DPO_METRICS = ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps
 @dataclass(frozen=True, kw_only=True)
 class Iteration:
     """What one iteration's training step reads and writes, and the params sections it trains with."""
-
     recipe: str
     iteration: int
     problems_path: str
@@ -81,21 +81,15 @@ class Iteration:
 
     def start(self) -> dict:
         """The summary's head; the work folder is a stage output for every recipe (empty for most)."""
-        from factory.lineage import model_id
-
         self.work.mkdir(parents=True, exist_ok=True)
         return {"recipe": self.recipe, "iteration": self.iteration, "prev_model": model_id(self.prev_dir)}
 
     def problems(self) -> list[dict]:
-        from factory.lineage import read_table
-
         return read_table(self.problems_path, "problems").to_pylist()
 
 
 def read_pairs(it: Iteration, path: str | None = None) -> list[dict]:
     """The pairs in `path` (default: the iteration's), refusing rows another pair rule made."""
-    from factory.lineage import read_table
-
     path = path or it.pairs_path
     pairs = read_table(path, "pairs").to_pylist()
     rules = sorted({p["recipe"] for p in pairs})
@@ -116,9 +110,6 @@ def _keep_previous(it: Iteration, what: str) -> None:
 
 def dpo_model(it: Iteration, pairs: list[dict], summary: dict) -> dict:
     """The weighted DPO + NLL model from the previous one is the iteration's model (ScPO's step)."""
-    from factory.lineage import write_model_lineage
-    from factory.params import as_dict
-
     metrics: dict = {"skipped": "no pairs", "pairs": 0}
     if pairs:
         from train.dpo import main as dpo_main
@@ -136,9 +127,6 @@ def dpo_model(it: Iteration, pairs: list[dict], summary: dict) -> dict:
 
 def dpo_beside(it: Iteration, pairs: list[dict], summary: dict) -> Path | None:
     """DPO from the previous model, trained beside the output (it moves into `out/dpo` at the end); None without pairs."""
-    from factory.lineage import write_model_lineage
-    from factory.params import as_dict
-
     if not pairs:
         print(f"train: {it.pairs_path} has no pairs; DPO skipped", flush=True)
         summary["dpo"] = {"skipped": "no pairs", "pairs": 0}
@@ -160,8 +148,6 @@ def second_round(it: Iteration, model_dir: str | Path, summary: dict, *, pool_fi
     With `pool_first_round`, the iteration's first-round samples join before
     filtering, so near-duplicates are removed across both rounds.
     """
-    from factory.lineage import model_id
-
     first_round = (it.samples_path, it.labels_path) if pool_first_round else None
     counts, kept, labels = _second_round(model_dir=Path(model_dir), problems_path=it.problems_path, work=it.work,
                                          sampling=it.sampling, self_train=it.self_train, iteration=it.iteration,
@@ -182,9 +168,6 @@ def sft(it: Iteration, examples: list[dict], summary: dict, *, init: str, dpo_di
 
     A DPO model trained beside the output (`dpo_beside`) moves into `out/dpo`, traceable from the lineage.
     """
-    from factory.lineage import model_id, write_model_lineage
-    from factory.params import as_dict
-
     init_dir = {"base": it.base_dir, "prev": it.prev_dir}.get(init, init)
     config = it.self_train
     dev = dev_problems(it.problems(), config.dev_split)
@@ -208,9 +191,6 @@ def sft(it: Iteration, examples: list[dict], summary: dict, *, init: str, dpo_di
 
 def orpo_model(it: Iteration, pairs_files: list[str], summary: dict) -> dict:
     """ORPO from the previous model on the pairs of every file in `pairs_files` (the last: this iteration's)."""
-    from factory.lineage import read_table, write_model_lineage
-    from factory.params import as_dict
-
     pairs = [row for path in pairs_files for row in read_pairs(it, path)]
     counts = {"pairs": len(pairs), "pairs_this_iteration": read_table(it.pairs_path, "pairs").num_rows,
               "pairs_files": len(pairs_files)}
@@ -254,8 +234,6 @@ def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, 
     from factory.filters import run_filters
     from factory.generators.sampling import sample_to_file
     from factory.labelers import label_samples
-    from factory.lineage import read_table, write_table
-    from factory.params import as_dict
     from factory.shards import shard_dir_for
 
     config = dataclasses.replace(sampling, n=self_train.n, seed=sampling.seed + SECOND_ROUND_SEED_OFFSET)
