@@ -98,6 +98,21 @@ def generate_and_label(inputs: StepInputs, make: Callable[..., list[dict]], conf
     return GeneratedRows(tables=tables, problems=problems, kept=kept, labels=labels, tokenizer=tokenizer)
 
 
+def write_generated(recipe: str, out_dir: Path, made: StepTables, *, problems_path: str, samples_path: str,
+                    labels_path: str, model_id: str | None) -> None:
+    """Write the generated rows and their labels (a maker that goes on to train on them writes them first)."""
+    from factory.lineage import write_table
+    from factory.schema import from_rows
+
+    params = {"recipe": recipe} | made.params
+    write_table(from_rows(made.samples, "samples"), out_dir / SAMPLES_FILE, kind="samples", stage="steps",
+                params=params, inputs={"problems": problems_path, "samples": samples_path, "labels": labels_path},
+                model_id=model_id)
+    labels_table = made.labels if made.samples else from_rows([], "labels")
+    write_table(labels_table, out_dir / LABELS_FILE, kind="labels", stage="steps", params=params,
+                inputs={"samples": out_dir / SAMPLES_FILE, "problems": problems_path})
+
+
 def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, labels_path: str, iteration: int,
               out: str, params: dict, params_path: str) -> dict:
     """Write `recipe`'s step-level tables into `out` (empty ones when it has no maker); returns the summary."""
@@ -114,11 +129,8 @@ def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, 
                                             samples_path=samples_path, labels_path=labels_path, iteration=iteration,
                                             out_dir=out_dir, params=params, params_path=params_path))
     params_record = {"recipe": recipe.name} | made.params
-    write_table(from_rows(made.samples, "samples"), out_dir / SAMPLES_FILE, kind="samples", stage="steps",
-                params=params_record, inputs=inputs, model_id=mid)
-    labels_table = made.labels if made.samples else from_rows([], "labels")
-    write_table(labels_table, out_dir / LABELS_FILE, kind="labels", stage="steps", params=params_record,
-                inputs={"samples": out_dir / SAMPLES_FILE, "problems": problems_path})
+    write_generated(recipe.name, out_dir, made, problems_path=problems_path, samples_path=samples_path,
+                    labels_path=labels_path, model_id=mid)
     process_table = pa.concat_tables(made.process) if made.process else from_rows([], "process")
     write_table(process_table, out_dir / PROCESS_FILE, kind="process", stage="steps", params=params_record,
                 inputs=inputs | {"rollouts": out_dir / SAMPLES_FILE})

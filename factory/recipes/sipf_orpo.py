@@ -57,13 +57,16 @@ def make_steps(inputs):
     """Rollouts from every step prefix, their step scores, a PRM trained on them and its scores of every sample."""
     from factory.generators.continuations import StepsConfig, mc_rollouts
     from factory.params import as_dict
-    from factory.step_stage import generate_and_label
+    from factory.step_stage import generate_and_label, write_generated
     from train.prm import PRMConfig
 
     steps_config, prm_config = inputs.section("steps", StepsConfig), inputs.section("prm", PRMConfig)
     made = generate_and_label(inputs, mc_rollouts, steps_config)
     tables = made.tables
     tables.params["prm"] = as_dict(prm_config)
+    # The PRM's lineage fingerprints the rollouts it learns from: they are written before it trains.
+    write_generated(RECIPE.name, inputs.out_dir, tables, problems_path=inputs.problems_path,
+                    samples_path=inputs.samples_path, labels_path=inputs.labels_path, model_id=inputs.policy_id)
     tables.process, tables.summary["process"] = process_rewards(
         model_dir=inputs.model_dir, problems=made.problems, kept=made.kept, labels=made.labels,
         rollouts=tables.samples, rollout_labels=tables.labels.to_pylist(), steps_config=steps_config,
