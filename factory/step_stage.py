@@ -60,6 +60,7 @@ class StepTables:
     nodes: list[dict] = dataclasses.field(default_factory=list)
     params: dict = dataclasses.field(default_factory=dict)
     summary: dict = dataclasses.field(default_factory=dict)
+    generated_written: bool = False  # `write_generated` already wrote samples and labels (once: their bytes stay)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +101,8 @@ def generate_and_label(inputs: StepInputs, make: Callable[..., list[dict]], conf
 
 def write_generated(recipe: str, out_dir: Path, made: StepTables, *, problems_path: str, samples_path: str,
                     labels_path: str, model_id: str | None) -> None:
-    """Write the generated rows and their labels (a maker that goes on to train on them writes them first)."""
+    """Write the generated rows and their labels (a maker that goes on to train on them writes them first: once,
+    so the file a lineage fingerprints is the file that stays)."""
     from factory.lineage import write_table
     from factory.schema import from_rows
 
@@ -111,6 +113,7 @@ def write_generated(recipe: str, out_dir: Path, made: StepTables, *, problems_pa
     labels_table = made.labels if made.samples else from_rows([], "labels")
     write_table(labels_table, out_dir / LABELS_FILE, kind="labels", stage="steps", params=params,
                 inputs={"samples": out_dir / SAMPLES_FILE, "problems": problems_path})
+    made.generated_written = True
 
 
 def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, labels_path: str, iteration: int,
@@ -129,8 +132,9 @@ def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, 
                                             samples_path=samples_path, labels_path=labels_path, iteration=iteration,
                                             out_dir=out_dir, params=params, params_path=params_path))
     params_record = {"recipe": recipe.name} | made.params
-    write_generated(recipe.name, out_dir, made, problems_path=problems_path, samples_path=samples_path,
-                    labels_path=labels_path, model_id=mid)
+    if not made.generated_written:
+        write_generated(recipe.name, out_dir, made, problems_path=problems_path, samples_path=samples_path,
+                        labels_path=labels_path, model_id=mid)
     process_table = pa.concat_tables(made.process) if made.process else from_rows([], "process")
     write_table(process_table, out_dir / PROCESS_FILE, kind="process", stage="steps", params=params_record,
                 inputs=inputs | {"rollouts": out_dir / SAMPLES_FILE})
