@@ -27,13 +27,15 @@ PARAMS = {
                                                   "test_ood": 2}}},
     "model": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
               "max_length": 384},
-    "warmup": {"max_epochs": 8, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0, "patience": 20,
+    # Gold rationales are chosen, so even an untrained model's wrong samples make pairs.
+    "warmup": {"max_epochs": 4, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0, "patience": 20,
                "dev_max_new_tokens": 8},
-    "sample": {"split": "train", "n": 2, "max_new_tokens": 64, "shard_size": 3},
+    "sample": {"split": "train", "n": 2, "max_new_tokens": 32, "shard_size": 3},
     "filter": {"min_steps": 0, "max_tokens": 256},
-    # Several steps after the first checkpoint, so the kill lands mid-run.
-    "dpo": {"epochs": 3, "batch_size": 4, "warmup_steps": 0},
-    "self_train": {"n": 2, "max_steps": 8, "score_every": 2, "batch_size": 4, "warmup_steps": 0,
+    # Steps left after the first checkpoint, so the kill lands mid-run.
+    "dpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0},
+    "orpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0, "max_length": 256},
+    "self_train": {"n": 2, "max_steps": 6, "score_every": 3, "batch_size": 4, "warmup_steps": 0,
                    "dev_max_new_tokens": 8},
 }
 CLI = "import sys; from factory.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -133,22 +135,46 @@ def test_warmup_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
     assert_nothing_left(project, "warm")
 
 
-def test_dpo_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
-    assert cli(dpo_argv(project, "dpo_ref")) == 0
-    kill_when(dpo_argv(project, "dpo"), project, f".dpo.{CHECKPOINT}")
-    out = run_to_end(dpo_argv(project, "dpo"))
-    assert "resuming from" in out
-    assert_same_model(project / "dpo", project / "dpo_ref")
-    assert_nothing_left(project, "dpo")
-
-
-def test_dpo_st_killed_in_the_second_round_and_in_sft_resumes_to_the_same_weights(project):
+def test_dpo_st_killed_in_dpo_in_the_second_round_and_in_sft_resumes_to_the_same_weights(project):
     assert cli(train_argv(project, "ref")) == 0
-    # Killed during the second round of sampling (after its first shard), then during the final SFT.
+    # Killed during DPO (after its first checkpoint), then during the second round of sampling (after its first
+    # shard; DPO is finished and is not trained again), then during the final SFT (after its first checkpoint).
+    kill_when(train_argv(project, "st"), project, f"..st.dpo.{CHECKPOINT}")
     kill_when(train_argv(project, "st"), project, ".work_st-samples.shards/job-*/shard-*.parquet")
     kill_when(train_argv(project, "st"), project, f".st.{CHECKPOINT}")
     out = run_to_end(train_argv(project, "st"))
-    assert "resuming from" in out
+    assert "resuming from" in out and "not trained again" in out
     assert_same_model(project / "st", project / "ref")
     assert_same_model(project / "st" / "dpo", project / "ref" / "dpo")
     assert_nothing_left(project, "st")
+
+
+class Crash(BaseException):
+    """A run dying right after its first checkpoint (in-process: nothing of it runs on)."""
+
+
+def test_orpo_crashed_after_a_checkpoint_resumes_to_the_same_weights(project, monkeypatch, capsys):
+    import pyarrow.parquet as pq
+
+    from train.common import Checkpoints
+    from train.orpo import ORPORunConfig, main
+
+    pairs = pq.read_table(project / "pairs.parquet").to_pylist()
+    config = ORPORunConfig(**PARAMS["orpo"])
+    main(pairs=pairs, model_dir=project / "prev", out_dir=project / "orpo_ref", config=config)
+    monkeypatch.setenv("FACTORY_CHECKPOINT_SECONDS", "0")
+    complete = Checkpoints._complete
+
+    def complete_then_crash(self, checkpoint):
+        complete(self, checkpoint)
+        raise Crash
+
+    monkeypatch.setattr(Checkpoints, "_complete", complete_then_crash)
+    with pytest.raises(Crash):
+        main(pairs=pairs, model_dir=project / "prev", out_dir=project / "orpo", config=config)
+    monkeypatch.setattr(Checkpoints, "_complete", complete)
+    capsys.readouterr()
+    main(pairs=pairs, model_dir=project / "prev", out_dir=project / "orpo", config=config)
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_model(project / "orpo", project / "orpo_ref")
+    assert_nothing_left(project, "orpo")

@@ -152,6 +152,7 @@ CHECKPOINT_SECONDS_ENV = "FACTORY_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 600.0
 _COMPLETE = "checkpoint-complete.json"  # written last, atomically: a checkpoint folder without it is partial
 _EXTRA = "factory-state.pt"
+_FINISHED = "finished.json"  # the finished model a run left in place (`Checkpoints.mark_finished`)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -248,6 +249,28 @@ class Checkpoints:
             self.resumed_from = checkpoint
             print(f"resuming from {checkpoint}", flush=True)
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    def finished(self, out_dir: str | Path) -> dict | None:
+        """The summary `mark_finished` recorded, if `out_dir` still holds the model this run finished; else None."""
+        from factory.lineage import model_id
+
+        record = self.root / _FINISHED
+        try:
+            finished = json.loads(record.read_text())
+            if finished["fingerprint"] == self.fingerprint and finished["model_id"] == model_id(out_dir):
+                return finished["summary"]
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
+
+    def mark_finished(self, out_dir: str | Path, summary: dict) -> None:
+        """Record that `out_dir` holds this run's finished model (its id) and its summary (JSON-able)."""
+        from factory.io import write_text
+        from factory.lineage import model_id
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = {"fingerprint": self.fingerprint, "model_id": model_id(out_dir), "summary": summary}
+        write_text(self.root / _FINISHED, json.dumps(record) + "\n")
 
     def clear(self) -> None:
         """Remove the checkpoints of this output (the final model is saved) and any a killed writer left."""

@@ -190,8 +190,16 @@ def _weighted_dpo_trainer():
     return WeightedDPOTrainer
 
 
-def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, config: DPOTrainConfig) -> dict:
-    """Train `model_dir` with DPO (+ NLL) on `pairs`, save into `out_dir`; returns the training summary."""
+def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, config: DPOTrainConfig,
+         keep_finished: bool = False) -> dict:
+    """Train `model_dir` with DPO (+ NLL) on `pairs`, save into `out_dir`; returns the training summary.
+
+    With `keep_finished` (a model trained on the way to the output, `train.iteration.dpo_beside`), a record of the
+    finished run stays in its checkpoint folder instead of its checkpoints, and a run of the same fingerprint
+    that finds `out_dir` holding that model returns its summary without training again (the stage was killed
+    later, e.g. in the second round of sampling). Whoever moves `out_dir` away removes the record
+    (`train.common.checkpoint_root`).
+    """
     import torch
     from datasets import Dataset
     from trl import DPOConfig
@@ -214,6 +222,9 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     # the same weights. The reference log-probs are recomputed from the start model, as the first run did.
     fingerprint = run_fingerprint("dpo", model_dir=model_dir, pairs=digest(dataset.to_list()), config=asdict(config))
     checkpoints = Checkpoints(out_dir, fingerprint)
+    if keep_finished and (finished := checkpoints.finished(out_dir)) is not None:
+        print(f"DPO: {out_dir} is this run's finished model; not trained again", flush=True)
+        return finished
     args = DPOConfig(
         output_dir=checkpoints.output_dir(),
         num_train_epochs=config.epochs,
@@ -237,11 +248,10 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     checkpoints.train(trainer)
     seconds = time.monotonic() - started
     save_model_atomically(trainer.model, tokenizer, out_dir)  # LoRA: merged into the weights
-    checkpoints.clear()
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step
-    return {
+    summary = {
         "train_loss": round(losses_logged[-1], 4) if losses_logged else None,
         "reward_accuracy": last_epoch_mean(history, "rewards/accuracies"),
         "reward_margin": last_epoch_mean(history, "rewards/margins"),
@@ -251,3 +261,7 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
         "log_history": history,
         "config": asdict(config),
     }
+    checkpoints.clear()
+    if keep_finished:
+        checkpoints.mark_finished(out_dir, summary)
+    return summary

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,8 @@ def dpo_beside(it: Iteration, pairs: list[dict], summary: dict) -> Path | None:
     from train.dpo import main as dpo_main
 
     dpo_dir = it.out.with_name(f".{it.out.name}.dpo")
-    dpo = dpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=dpo_dir, config=it.dpo_config)
+    # keep_finished: a rerun of the stage killed after this DPO (second round, SFT) does not train it again.
+    dpo = dpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=dpo_dir, config=it.dpo_config, keep_finished=True)
     metrics = {k: dpo[k] for k in DPO_METRICS}
     record = write_model_lineage(dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": it.pairs_path},
                                  params={"dpo": as_dict(it.dpo_config)}, metrics=metrics)
@@ -176,6 +178,9 @@ def sft(it: Iteration, examples: list[dict], summary: dict, *, init: str, dpo_di
     data = {"problems": it.problems_path}
     if dpo_dir is not None:
         os.replace(dpo_dir, it.out / "dpo")
+        from train.common import checkpoint_root
+
+        shutil.rmtree(checkpoint_root(dpo_dir), ignore_errors=True)  # dpo_beside's record of its finished model
         data["pairs"] = it.pairs_path
     if "second_round" in summary:
         data["self_train_examples"] = str(it.work / "kept.parquet")

@@ -36,13 +36,13 @@ prompt, and learning the question text is not the task.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import LoRASettings, cpu_safe_settings, frozen_base_dtype, last_epoch_mean, save_model_atomically
+from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, last_epoch_mean,
+                          run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,30 +117,33 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": format_completion(tokenizer, p["chosen"]),
                                   "rejected": format_completion(tokenizer, p["rejected"])} for p in kept])
     steps_per_epoch = -(-len(kept) // config.batch_size)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = ORPOConfig(
-            output_dir=scratch,
-            num_train_epochs=config.epochs,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            beta=config.beta,
-            max_length=config.max_length,
-            remove_unused_columns=False,  # TRL's preference collator needs its own columns
-            logging_steps=max(1, steps_per_epoch // 4),
-            seed=config.seed,
-            data_seed=config.seed,
-            **cpu_safe_settings(),
-        )
-        trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset,
-                                  processing_class=trainer_tokenizer(tokenizer),
-                                  peft_config=config.lora.peft_config())
-        started = time.monotonic()
-        trainer.train()
-        seconds = time.monotonic() - started
+    # Checkpoints beside the output, for this exact run (start model, pairs, config) only, as DPO's.
+    fingerprint = run_fingerprint("orpo", model_dir=model_dir, pairs=digest(dataset.to_list()), config=asdict(config))
+    checkpoints = Checkpoints(out_dir, fingerprint)
+    args = ORPOConfig(
+        output_dir=checkpoints.output_dir(),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        beta=config.beta,
+        max_length=config.max_length,
+        remove_unused_columns=False,  # TRL's preference collator needs its own columns
+        logging_steps=max(1, steps_per_epoch // 4),
+        seed=config.seed,
+        data_seed=config.seed,
+        **cpu_safe_settings(),
+    )
+    trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset,
+                              processing_class=trainer_tokenizer(tokenizer),
+                              peft_config=config.lora.peft_config(), callbacks=[checkpoints.callback])
+    started = time.monotonic()
+    checkpoints.train(trainer)
+    seconds = time.monotonic() - started
     model = trainer.model
     model.eval()
     save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
+    checkpoints.clear()
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step
