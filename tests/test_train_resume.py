@@ -178,3 +178,34 @@ def test_orpo_crashed_after_a_checkpoint_resumes_to_the_same_weights(project, mo
     assert "resuming from" in capsys.readouterr().out
     assert_same_model(project / "orpo", project / "orpo_ref")
     assert_nothing_left(project, "orpo")
+
+
+def test_prm_loop_crashed_after_a_checkpoint_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    from test_prm import toy_examples
+
+    from train.common import LoopCheckpoint
+    from train.prm import PRMConfig, train_prm
+
+    folder, tokenizer = tiny_model_dir
+    examples = toy_examples(tokenizer, 12)
+    config = PRMConfig(max_steps=6, learning_rate=3e-3, batch_size=5, warmup_steps=0, max_length=128)
+    reference = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "ref", config=config)
+    monkeypatch.setenv("FACTORY_CHECKPOINT_SECONDS", "0")
+    save = LoopCheckpoint.save
+
+    def save_then_crash(self, step, state):
+        save(self, step, state)
+        if step == 3:
+            raise Crash
+
+    monkeypatch.setattr(LoopCheckpoint, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "prm", config=config)
+    monkeypatch.setattr(LoopCheckpoint, "save", save)
+    capsys.readouterr()
+    resumed = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "prm", config=config)
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_model(tmp_path / "prm", tmp_path / "ref")
+    assert resumed["batch_loss_last"] == reference["batch_loss_last"]
+    assert_nothing_left(tmp_path, "prm")

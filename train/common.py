@@ -201,7 +201,8 @@ class Checkpoints:
 
     Trainer saves `checkpoint-N/` (weights, optimizer, scheduler, RNG states, trainer state) whenever the
     callback asks it to, at most every `checkpoint_seconds()` of training, and never at the run's last step;
-    with `at_epoch_end`, only after an epoch's end (where an epoch-scored run has scored it). After Trainer's
+    with `at_epoch_end` (an epoch-scored run), an epoch's last step is saved after the epoch's end, once the
+    callbacks before this one have scored it, never between the two. After Trainer's
     files, the callback writes what else the run needs to continue exactly as if never stopped: the loss not yet
     logged (so later log entries are the same), and `get_state()` of the caller (e.g. the dev scorer's best
     weights), then a completion marker, atomically; then older checkpoints go. A folder without the marker (a
@@ -299,7 +300,11 @@ class Checkpoints:
                     owner._restore(owner.resumed_from)
 
             def on_step_end(self, args, state, control, **kwargs):
-                if not owner.at_epoch_end and self._due(state, control):
+                # An epoch-scored run's last step of an epoch waits for the epoch's end: a checkpoint there would
+                # resume in the next epoch, and the scoring of this one would never happen.
+                if owner.at_epoch_end and float(state.epoch).is_integer():
+                    return
+                if self._due(state, control):
                     control.should_save = True
 
             def on_epoch_end(self, args, state, control, **kwargs):
@@ -338,3 +343,52 @@ class Checkpoints:
         trainer._globalstep_last_logged = extra["globalstep_last_logged"]
         if self.set_state and extra["caller"] is not None:
             self.set_state(extra["caller"])
+
+
+class LoopCheckpoint:
+    """Checkpoints of a training loop of our own (the PRM's): one file, `.OUT.checkpoints/<fingerprint>/step-N.pt`.
+
+    `save(step, state)` writes the loop's whole state (a dict for torch.save: weights, optimizer, schedule,
+    RNG states, data queue) atomically when `checkpoint_seconds()` have passed since the last save, then
+    removes the older file; `load()` gives the newest state (or None) to continue from, the same way Trainer's
+    resume does; `clear()` removes them all once the model is saved.
+    """
+
+    def __init__(self, out_dir: str | Path, fingerprint: str):
+        self.root = checkpoint_root(out_dir).absolute()
+        self.folder = self.root / fingerprint
+        self.interval = checkpoint_seconds()
+        self.last_save = time.monotonic()
+
+    def _files(self) -> list[Path]:
+        found = [f for f in self.folder.glob("step-*.pt") if f.name[5:-3].isdigit()]
+        return sorted(found, key=lambda f: int(f.name[5:-3]))
+
+    def load(self) -> dict | None:
+        import torch
+
+        files = self._files() if self.folder.is_dir() else []
+        if not files:
+            return None
+        print(f"resuming from {files[-1]}", flush=True)
+        return torch.load(files[-1], weights_only=False)
+
+    def due(self) -> bool:
+        return self.interval is not None and time.monotonic() - self.last_save >= self.interval
+
+    def save(self, step: int, state: dict) -> None:
+        import torch
+
+        from factory.io import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for older in self._files():
+            if older != path:
+                older.unlink(missing_ok=True)
+        self.last_save = time.monotonic()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from train.common import save_model_atomically
+from train.common import LoopCheckpoint, digest, run_fingerprint, save_model_atomically
 
 HEADS = ("classification", "regression")
 AGGREGATES = ("mean", "min")
@@ -279,9 +279,21 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
     generator = torch.Generator().manual_seed(config.seed)
     queue: list[int] = []
     batch_losses = []
+    # Checkpoints beside the output for this exact run: the loop's whole state, so a resumed run takes the same
+    # batches and steps and ends with the same weights.
+    checkpoint = LoopCheckpoint(out_dir, run_fingerprint("prm", model_dir=model_dir, examples=digest(examples),
+                                                          config=asdict(config)))
+    first = 0
+    if (resumed := checkpoint.load()) is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        generator.set_state(resumed["generator"])
+        torch.set_rng_state(resumed["torch_rng"])
+        queue, batch_losses, first = resumed["queue"], resumed["batch_losses"], resumed["step"]
     model.train()
     started = time.monotonic()
-    for _ in range(config.max_steps):
+    for step in range(first, config.max_steps):
         batch = []
         while len(batch) < min(config.batch_size, len(encoded)):
             if not queue:
@@ -299,10 +311,16 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         batch_losses.append(loss.item())
+        if step + 1 < config.max_steps and checkpoint.due():
+            checkpoint.save(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                                       "torch_rng": torch.get_rng_state(), "queue": queue,
+                                       "batch_losses": batch_losses, "step": step + 1})
     seconds = time.monotonic() - started
     loss_end, accuracy_end = _evaluate(model, encoded, config.head, config.batch_size, device)
     model.to("cpu")
     save_model_atomically(model, tokenizer, out_dir)
+    checkpoint.clear()
     return {
         "examples": len(examples),
         "examples_trained": len(encoded),
