@@ -126,8 +126,11 @@ def assert_nothing_left(root: Path, *names: str) -> None:
 CHECKPOINT = "checkpoints/*/checkpoint-*/checkpoint-complete.json"
 
 
-def test_warmup_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
+def test_warmup_killed_mid_epoch_and_at_an_epoch_end_resumes_to_the_same_weights(project):
+    # 12 examples in batches of 4: 3 steps an epoch. Killed after its first checkpoint (step 1, mid-epoch), then,
+    # resumed, after the checkpoint of step 6 (the end of epoch 2, saved once the epoch was scored).
     kill_when(warmup_argv(project, "warm"), project, f".warm.{CHECKPOINT}")
+    kill_when(warmup_argv(project, "warm"), project, ".warm.checkpoints/*/checkpoint-6/checkpoint-complete.json")
     assert not (project / "warm").exists()
     out = run_to_end(warmup_argv(project, "warm"))
     assert "resuming from" in out
