@@ -89,7 +89,8 @@ def cpu_safe_settings() -> dict:
     """TrainingArguments that keep TRL fast and quiet on a CPU (its defaults assume a bf16 GPU).
 
     TRL 1.x defaults to bf16 and gradient checkpointing, about 20x slower on a
-    CPU without bf16; checkpoints and loggers are off because DVC owns outputs.
+    CPU without bf16; loggers are off, and so is Trainer's own save schedule: `Checkpoints` decides when to
+    save (by time), beside the output that DVC owns.
     """
     import dataclasses
 
