@@ -356,34 +356,37 @@ def baseline_pairs(problems: list[dict], samples: list[dict], labels: list[dict]
 TARGET_SECONDS, TARGET_RATIO = 10.0, 20.0
 
 
+def _timed(problems, samples, filter_config: FilterConfig, pairs_config: PairsConfig, *, label, vote, filters,
+           pairs) -> tuple[dict, dict[str, float]]:
+    """One side's label (+ votes), filter and pairs stages, each timed."""
+    timer = StageTimer()
+    labels = label(problems, samples)
+    votes = vote(labels)
+    timer.lap("label")
+    kept, dropped, counts = filters(samples, labels, filter_config)
+    timer.lap("filter")
+    pair_rows, summary = pairs(problems, kept, labels, pairs_config)
+    timer.lap("pairs")
+    return {"labels": labels, "votes": votes, "kept": kept, "dropped": dropped, "counts": counts, "pairs": pair_rows,
+            "summary": summary}, timer.seconds
+
+
 def factory(problems: pa.Table, samples: pa.Table, filter_config: FilterConfig,
             pairs_config: PairsConfig) -> tuple[dict, dict[str, float]]:
-    """The functions `factory label`, `factory filter` and `factory pairs` call, each stage timed."""
-    timer = StageTimer()
-    labels = label_samples(samples, problems)
-    votes = vote_table(labels)
-    timer.lap("label")
-    kept, dropped, counts = run_filters(samples, labels, filter_config)
-    timer.lap("filter")
-    pairs, summary = pairs_table(DPO_ST_RULE, problems, kept, labels, prompt_for=PROMPT.format,
-                                 iteration=ITERATION, config=pairs_config)
-    timer.lap("pairs")
-    return {"labels": labels, "votes": votes, "kept": kept, "dropped": dropped, "counts": counts, "pairs": pairs,
-            "summary": summary}, timer.seconds
+    """The functions `factory label`, `factory filter` and `factory pairs` call."""
+    return _timed(problems, samples, filter_config, pairs_config,
+                  label=lambda problems, samples: label_samples(samples, problems), vote=vote_table,
+                  filters=run_filters,
+                  pairs=lambda problems, kept, labels, config: pairs_table(
+                      DPO_ST_RULE, problems, kept, labels, prompt_for=PROMPT.format, iteration=ITERATION,
+                      config=config))
 
 
 def baseline(problems: list[dict], samples: list[dict], filter_config: FilterConfig,
              pairs_config: PairsConfig) -> tuple[dict, dict[str, float]]:
-    timer = StageTimer()
-    labels = baseline_labels(problems, samples)
-    votes = baseline_votes(labels)
-    timer.lap("label")
-    kept, dropped, counts = baseline_filters(samples, labels, filter_config)
-    timer.lap("filter")
-    pairs, summary = baseline_pairs(problems, kept, labels, pairs_config)
-    timer.lap("pairs")
-    return {"labels": labels, "votes": votes, "kept": kept, "dropped": dropped, "counts": counts, "pairs": pairs,
-            "summary": summary}, timer.seconds
+    """The per-row program: the same stages over dict rows."""
+    return _timed(problems, samples, filter_config, pairs_config, label=baseline_labels, vote=baseline_votes,
+                  filters=baseline_filters, pairs=baseline_pairs)
 
 
 class StageTimer:

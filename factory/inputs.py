@@ -39,12 +39,13 @@ class Rows:
 def check_file(path: str | Path, kind: str, formats: str = "Parquet") -> Path:
     """The path of an input file that exists, is a file and is not empty."""
     path = Path(path)
+    what = f"{kind} file" + (f" ({formats})" if formats != kind else "")
     if not path.exists():
         raise FileNotFoundError(f"no such {kind} file: {path}")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder, expected a {kind} file ({formats})")
+        raise ValueError(f"{path}: is a folder, expected a {what}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file, expected a {kind} file ({formats})")
+        raise ValueError(f"{path}: empty file, expected a {what}")
     return path
 
 

