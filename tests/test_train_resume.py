@@ -19,25 +19,17 @@ import yaml
 
 from factory.cli import main as cli
 from factory.lineage import model_id
+from test_iteration import PARAMS as ITERATION_PARAMS
 
 pytestmark = pytest.mark.slow
 
-PARAMS = {
-    "problems": {"arith": {"seed": 5, "sizes": {"train": 12, "dev": 6, "answers": 4, "unlabeled": 2, "test": 4,
-                                                  "test_ood": 2}}},
-    "model": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
-              "max_length": 384},
-    # Gold rationales are chosen, so even an untrained model's wrong samples make pairs.
-    "warmup": {"max_epochs": 4, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0, "patience": 20,
-               "dev_max_new_tokens": 8},
-    "sample": {"split": "train", "n": 2, "max_new_tokens": 32, "shard_size": 3},
-    "filter": {"min_steps": 0, "max_tokens": 256},
-    # Steps left after the first checkpoint, so the kill lands mid-run.
-    "dpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0},
-    "orpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0, "max_length": 256},
-    "self_train": {"n": 2, "max_steps": 6, "score_every": 3, "batch_size": 4, "warmup_steps": 0,
-                   "dev_max_new_tokens": 8},
-}
+# test_iteration's tiny project, with a shorter warm-up and training that outlasts the first checkpoint.
+PARAMS = {**ITERATION_PARAMS,
+          "warmup": {**ITERATION_PARAMS["warmup"], "max_epochs": 4},
+          "sample": {**ITERATION_PARAMS["sample"], "max_new_tokens": 32, "shard_size": 3},
+          "dpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0},  # steps left after the first checkpoint
+          "orpo": {"epochs": 2, "batch_size": 4, "warmup_steps": 0, "max_length": 256},
+          "self_train": {**ITERATION_PARAMS["self_train"], "max_steps": 6, "score_every": 3, "batch_size": 4}}
 CLI = "import sys; from factory.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
