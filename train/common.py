@@ -85,6 +85,15 @@ def merge_lora(model):
     return model.to(device="cpu", dtype=torch.float32).merge_and_unload()
 
 
+def preference_settings(config, *, output_dir: str, steps_per_epoch: int) -> dict:
+    """The TrainingArguments DPO and ORPO share: epochs, batch, rate, beta, length, seeds, CPU-safe defaults."""
+    return {"output_dir": output_dir, "num_train_epochs": config.epochs,
+            "per_device_train_batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "warmup_steps": config.warmup_steps, "beta": config.beta, "max_length": config.max_length,
+            "logging_steps": max(1, steps_per_epoch // 4), "seed": config.seed, "data_seed": config.seed,
+            **cpu_safe_settings()}
+
+
 def cpu_safe_settings() -> dict:
     """TrainingArguments that keep TRL fast and quiet on a CPU (its defaults assume a bf16 GPU).
 

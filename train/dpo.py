@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, is_lora,
-                          last_epoch_mean, run_fingerprint, save_model_atomically)
+from train.common import (Checkpoints, LoRASettings, digest, frozen_base_dtype, is_lora, last_epoch_mean,
+                          preference_settings, run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,19 +226,9 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
         print(f"DPO: {out_dir} is this run's finished model; not trained again", flush=True)
         return finished
     args = DPOConfig(
-        output_dir=checkpoints.output_dir(),
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        beta=config.beta,
+        **preference_settings(config, output_dir=checkpoints.output_dir(), steps_per_epoch=steps_per_epoch),
         loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
-        max_length=config.max_length,
         precompute_ref_log_probs=True,  # reference = the starting model (LoRA: adapters off), scored once
-        logging_steps=max(1, steps_per_epoch // 4),
-        seed=config.seed,
-        data_seed=config.seed,
-        **cpu_safe_settings(),
     )
     trainer = _weighted_dpo_trainer()(model=model, args=args, train_dataset=dataset,
                                       processing_class=trainer_tokenizer(tokenizer),

@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
-from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, last_epoch_mean,
-                          run_fingerprint, save_model_atomically)
+from train.common import (Checkpoints, LoRASettings, digest, frozen_base_dtype, last_epoch_mean,
+                          preference_settings, run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,18 +121,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     fingerprint = run_fingerprint("orpo", model_dir=model_dir, pairs=digest(dataset.to_list()), config=asdict(config))
     checkpoints = Checkpoints(out_dir, fingerprint)
     args = ORPOConfig(
-        output_dir=checkpoints.output_dir(),
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        beta=config.beta,
-        max_length=config.max_length,
+        **preference_settings(config, output_dir=checkpoints.output_dir(), steps_per_epoch=steps_per_epoch),
         remove_unused_columns=False,  # TRL's preference collator needs its own columns
-        logging_steps=max(1, steps_per_epoch // 4),
-        seed=config.seed,
-        data_seed=config.seed,
-        **cpu_safe_settings(),
     )
     trainer = _orpo_trainer()(model=model, args=args, train_dataset=dataset,
                               processing_class=trainer_tokenizer(tokenizer),
