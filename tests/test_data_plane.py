@@ -216,7 +216,7 @@ def test_pairs_table_hands_repeated_and_empty_sample_ids_to_the_rule():
     specs = [(POOL[0], "p-1", True), (POOL[1], "p-1", False), (POOL[2], "p-1", False)]
     problems, samples, labels = pair_inputs(specs, [None, None, None])
     samples[2]["sample_id"] = labels[2]["sample_id"] = samples[1]["sample_id"]
-    with pytest.raises(ValueError, match="row 2: sample 's-001' appears twice"):
+    with pytest.raises(ValueError, match="row 3: sample 's-001' appears twice"):
         pairs_table(pa.Table.from_pylist(problems), pa.Table.from_pylist(samples), pa.Table.from_pylist(labels[:2]),
                     prompt_for=str, iteration=1, config=PairsConfig())
     # A positive with id "" and the gold rationale's text ties with the gold pair, whose chosen id is "" too.

@@ -150,6 +150,24 @@ def test_step_level_recipes_run_in_the_same_pipeline_and_pass_the_gate(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))  # the next tests start from dpo_st again
 
 
+def test_factory_recipe_then_repro_runs_scpo_as_its_paper_sets_it_up(project):
+    """One command switches params to ScPO (unlabeled problems, 8 votes each); `dvc repro` needs no other flag."""
+    saved = (project / "params.yaml").read_text()
+    run(["factory", "recipe", "scpo", "--write"], project)
+    out = run(["dvc", "repro"], project)
+    assert "Running stage 'sample@1'" in out and "Running stage 'train@2'" in out
+    problems = {p["problem_id"]: p for p in pq.read_table(project / "data" / "problems.parquet").to_pylist()}
+    samples = pq.read_table(project / "data" / "iter_1" / "samples.parquet").to_pylist()
+    assert {problems[s["problem_id"]]["split"] for s in samples} == {"unlabeled"} and len(samples) == 8 * 4
+    pairs = pq.read_table(project / "data" / "iter_1" / "pairs.parquet").to_pylist()
+    assert {row["recipe"] for row in pairs} <= {"scpo"}
+    for k in (1, 2):
+        lineage = read_model_lineage(project / "models" / f"iter_{k}")
+        assert lineage["stage"] == "train:scpo" and "self_train" not in lineage["params"]  # no second round
+    (project / "params.yaml").write_text(saved)  # the next tests start from dpo_st again
+    run(["dvc", "repro"], project)
+
+
 def test_changing_an_eval_knob_reruns_only_eval(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["eval"]["max_new_tokens"] = 40
