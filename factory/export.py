@@ -672,11 +672,15 @@ def _git_facts(root: Path) -> dict:
     }
 
 
+# The README's main-job command: the pinned environment (requirements.lock), then the pipeline.
+INSTALL_AND_REPRO = "pip install --require-hashes -r requirements.lock && pip install --no-deps -e . && dvc repro"
+
+
 def _regenerate(git: dict) -> str:
     if not git["revision"]:
-        return "pip install -e . && dvc repro  # in a copy of the project (it was not a git repository)"
+        return f"{INSTALL_AND_REPRO}  # in a copy of the project (it was not a git repository)"
     clone = git["remote"] or "<this repository>"
-    return f"git clone {clone} factory && cd factory && git checkout {git['revision']} && pip install -e . && dvc repro"
+    return f"git clone {clone} factory && cd factory && git checkout {git['revision']} && {INSTALL_AND_REPRO}"
 
 
 def _test_splits(params: dict) -> list[str]:

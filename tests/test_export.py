@@ -152,7 +152,7 @@ def test_card_names_lineage_without_machine_paths(exported):
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert lineage["git"] == {"revision": revision, "dirty": False, "remote": "https://github.com/owner/factory.git"}
     assert (f"git clone https://github.com/owner/factory.git factory && cd factory && git checkout {revision} "
-            "&& pip install -e . && dvc repro") in card
+            "&& pip install --require-hashes -r requirements.lock && pip install --no-deps -e . && dvc repro") in card
     for model_id in ("m-warmup", "m-dpo1", "m-iter1"):
         assert f"`{model_id}`" in card
     assert "models/iter_1/dpo (`m-dpo1`, dpo) ← models/iter_0 (`m-warmup`, warmup) ← models/base (`m-base`, base)" \
@@ -193,7 +193,7 @@ def test_without_git_the_card_says_so(tmp_path, monkeypatch):
     lineage = export_dataset(tmp_path / "hub", root=project, tables=("problems", "pairs"))
     assert lineage["git"] == {"revision": None, "dirty": None, "remote": None}
     card = (tmp_path / "hub" / "README.md").read_text()
-    assert "no git revision" in card and "pip install -e . && dvc repro" in card
+    assert "no git revision" in card and "requirements.lock && pip install --no-deps -e . && dvc repro" in card
 
 
 @pytest.mark.parametrize(("url", "public"), [
