@@ -87,7 +87,6 @@ class Command:
     inputs: list[str]  # what a fresh folder gets copied from the reference project
     outputs: list[str]  # files or folders it writes
     seconds: float = 0.0  # the reference run's wall time
-    error: str | None = None  # how the reference run failed (a known defect)
 
 
 def factory_argv(argv) -> list[str]:
@@ -192,12 +191,7 @@ def reference(tmp_path_factory, tiny_model_dir):
         if name == "report":  # the report reads each iteration's steps.json and eval.json (no model iter_1 here)
             shutil.copy(root / METRICS / "iter_1" / "steps_scdpo.json", root / METRICS / "iter_1" / "steps.json")
             shutil.copy(root / METRICS / "iter_0" / "eval.json", root / METRICS / "iter_1" / "eval.json")
-        try:
-            cmds[name].seconds = run_ok(cmds[name].argv, root)
-        except AssertionError as error:
-            if name not in KNOWN_REFERENCE_FAILURES:
-                raise
-            cmds[name].error = str(error)
+        cmds[name].seconds = run_ok(cmds[name].argv, root)
     assert hidden_leftovers(root) == []
     return root, cmds
 
@@ -254,11 +248,10 @@ class Kill:
     how: str  # "time" (seconds), "fraction" (of the reference's wall time), "glob" (a path pattern), "hook"
     at: object
     must_land: bool = True  # the process must be killed (not finish first)
-    exact: bool = False  # compare even the fields in MASKED (a known defect: see KNOWN)
 
     @property
     def id(self) -> str:
-        return f"{self.how}={self.at}" + ("-exact" if self.exact else "")
+        return f"{self.how}={self.at}"
 
 
 def kill_points(name: str) -> list[Kill]:
@@ -274,7 +267,7 @@ def kill_points(name: str) -> list[Kill]:
     if name == "steps:scdpo":
         return [Kill("fraction", 0.5, must_land=False), Kill("hook", "after:samples.parquet")]
     if name == "steps:sipf_orpo":
-        return [Kill("hook", "after:samples.parquet", exact=True), Kill("hook", "before:prm")]
+        return [Kill("hook", "after:samples.parquet"), Kill("hook", "before:prm")]
     if name == "steps:mcts_dpo":
         return [Kill("fraction", 0.5, must_land=False)]
     if name == "pairs":
@@ -286,51 +279,16 @@ def kill_points(name: str) -> list[Kill]:
     raise KeyError(name)
 
 
-# Commands whose uninterrupted run fails in a fresh folder (a known defect): their cases are xfail (strict).
-KNOWN_REFERENCE_FAILURES: dict[str, str] = {}
-# JSON fields that hold a wall-clock measurement, so no two runs write the same bytes (a known defect outside this
-# test's files): compared with the field blanked, and once exactly (xfail, strict, raising WallClockInOutput).
-MASKED = {"steps:sipf_orpo": ("seconds_per_step",)}
-KNOWN: dict[tuple[str, str], str] = {  # (command, kill id) -> the defect it shows (xfail, strict)
-    ("steps:sipf_orpo", "hook=after:samples.parquet-exact"):
-        "the PRM's training metrics record wall-clock `seconds_per_step` (train/prm.py), and factory/recipes/"
-        "sipf_orpo.py copies them into prm/lineage.json and the steps summary JSON: no two runs, killed or not, "
-        "write the same bytes there",
-}
-
-
-class WallClockInOutput(AssertionError):
-    """Outputs that differ only in the MASKED wall-clock fields."""
-
-
-def masked(data: bytes | None, path: str, fields: tuple[str, ...]) -> bytes | None:
-    """`data` with the JSON `fields` blanked, at any depth (other files as they are)."""
-    if not fields or data is None or not path.endswith(".json"):
-        return data
-    import json
-
-    def blank(value):
-        if isinstance(value, dict):
-            return {k: None if k in fields else blank(v) for k, v in value.items()}
-        return [blank(v) for v in value] if isinstance(value, list) else value
-
-    return json.dumps(blank(json.loads(data)), sort_keys=True).encode()
-
-
 def cases():
     for name in commands():
         for kill in kill_points(name):
-            reason = KNOWN.get((name, kill.id)) or KNOWN_REFERENCE_FAILURES.get(name)
-            raises = WallClockInOutput if kill.exact else None
-            marks = [pytest.mark.xfail(strict=True, reason=reason, raises=raises)] if reason else []
-            yield pytest.param(name, kill, id=f"{name}-{kill.id}", marks=marks)
+            yield pytest.param(name, kill, id=f"{name}-{kill.id}")
 
 
 @pytest.mark.parametrize(("name", "kill"), list(cases()))
 def test_killed_then_rerun_writes_the_reference_bytes_and_leaves_nothing(reference, tmp_path, name, kill):
     root, cmds = reference
     command = cmds[name]
-    assert command.error is None, f"the uninterrupted run failed: {command.error[-1500:]}"
     folder = tmp_path / "project"
     expected = fresh_project(root, command, folder)
 
@@ -355,10 +313,5 @@ def test_killed_then_rerun_writes_the_reference_bytes_and_leaves_nothing(referen
     got = snapshot(folder, None)
     extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
     assert not extra and not missing, f"left over: {extra}; missing: {missing}"
-    fields = MASKED.get(name, ())
-    differ = sorted(path for path in expected if masked(got[path], path, fields) != masked(expected[path], path, fields))
+    differ = sorted(path for path in expected if got[path] != expected[path])
     assert not differ, f"not the bytes of the uninterrupted run: {differ}"
-    if kill.exact:
-        differ = sorted(path for path in expected if got[path] != expected[path])
-        if differ:
-            raise WallClockInOutput(f"only the wall-clock fields {fields} differ, in {differ}")

@@ -85,6 +85,17 @@ def merge_lora(model):
     return model.to(device="cpu", dtype=torch.float32).merge_and_unload()
 
 
+WALL_CLOCK = ("seconds_per_step",)  # timings a trainer reports: for logs and benchmarks, never an output's bytes
+
+
+def outcome(metrics: dict) -> dict:
+    """A trainer's metrics without its wall-clock timings, for lineage and summaries (the same bytes every run)."""
+    timings = {k: metrics[k] for k in WALL_CLOCK if k in metrics}
+    if timings:
+        print("train: " + ", ".join(f"{k} {v}" for k, v in timings.items()), flush=True)
+    return {k: v for k, v in metrics.items() if k not in WALL_CLOCK}
+
+
 def preference_settings(config, *, output_dir: str, steps_per_epoch: int) -> dict:
     """The TrainingArguments DPO and ORPO share: epochs, batch, rate, beta, length, seeds, CPU-safe defaults."""
     return {"output_dir": output_dir, "num_train_epochs": config.epochs,

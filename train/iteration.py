@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from factory.lineage import model_id, read_table, write_model_lineage, write_table
 from factory.params import as_dict
+from train.common import outcome
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
 # The second round of sampling draws its noise from another stream than `sample@k`
@@ -203,7 +204,7 @@ def orpo_model(it: Iteration, pairs_files: list[str], summary: dict) -> dict:
         from train.orpo import main as orpo_main
 
         orpo = orpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=it.out, config=it.orpo_config)
-        metrics = {k: v for k, v in orpo.items() if isinstance(v, (int, float, str)) or v is None} | counts
+        metrics = {k: v for k, v in outcome(orpo).items() if isinstance(v, (int, float, str)) or v is None} | counts
     else:
         _keep_previous(it, f"{it.pairs_path} or earlier")
         metrics = {"skipped": "no pairs"} | counts

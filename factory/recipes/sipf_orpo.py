@@ -131,6 +131,7 @@ def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labe
     from factory.modeling import format_prompt
     from factory.params import as_dict
     from factory.reasoning_steps import split_steps
+    from train.common import outcome
     from train.prm import path_reward, score_steps, train_prm
 
     scored = rollout_scores(kept, labels, rollouts, rollout_labels, steps_config, model_id=policy_id)
@@ -149,7 +150,7 @@ def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labe
     from factory.step_stage import SAMPLES_FILE
 
     prm_dir = out_dir / PRM_DIR
-    metrics = train_prm(examples=examples, model_dir=model_dir, out_dir=prm_dir, config=prm_config)
+    metrics = outcome(train_prm(examples=examples, model_dir=model_dir, out_dir=prm_dir, config=prm_config))
     record = write_model_lineage(prm_dir, stage="prm", parent=policy_id,
                                  data={"rollouts": out_dir / SAMPLES_FILE}, params={"prm": as_dict(prm_config)},
                                  metrics=metrics)
