@@ -253,16 +253,10 @@ class ConfinedCatalog:
     Use as a context manager (or call `close()`): it removes the database file.
     """
 
-    def __init__(
-        self,
-        root: str | Path = ".",
-        *,
-        data_dir: str = "data",
-        models_dir: str = "models",
-        iterations: Iterable[int] | None = None,
-        paths: Sequence[str | Path] | None = None,
-        variables: dict[str, object] | None = None,
-    ) -> None:
+    def __init__(self, root: str | Path = ".", *, data_dir: str = "data", models_dir: str = "models",
+                 iterations: Iterable[int] | None = None, paths: Sequence[str | Path] | None = None,
+                 variables: dict[str, object] | None = None) -> None:
+        """The arguments of `catalog`."""
         root = Path(root).absolute()
         files = discover(root, data_dir, iterations, paths)
         self.variables = dict(variables or {})
