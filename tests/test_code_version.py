@@ -3,11 +3,14 @@ records the library versions that made it (issue 21: same bytes anywhere, and a 
 
 import importlib.metadata
 import json
+import shlex
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from factory import lineage
 
@@ -111,3 +114,47 @@ def test_dataset_card_shows_the_library_versions(tmp_path):
     line = next(line for line in card.splitlines() if line.startswith("Library versions that wrote"))
     assert f"torch {versions['torch']}" in line and f"trl {versions['trl']}" in line
     assert f"python {versions['python']}" in line and f"factory {versions['factory']}" in line
+
+
+# Runs the `factory` command with the given arguments, then prints the sources it loaded.
+RUN_COMMAND = """
+import json, sys
+from factory.cli import main
+from factory.lineage import loaded_sources
+status = main(sys.argv[1:])
+print(json.dumps({"status": status, "loaded": [str(p) for p in loaded_sources()]}))
+"""
+
+
+def code_deps(stage: dict) -> set[str]:
+    return {dep for dep in stage["deps"] if dep.split("/")[0] in ("factory", "train")}
+
+
+def covers(deps: set[str], source: str) -> bool:
+    return any(source == dep or source.startswith(dep + "/") for dep in deps)
+
+
+def test_each_stage_declares_the_code_its_command_loads(tmp_path):
+    """DVC re-runs a stage when a dependency changes; code_version changes when a loaded module does. If a
+    stage loaded a module it did not declare, `dvc status` would call it up to date after an edit to that
+    module while a fresh clone's run wrote other bytes (what CI's check of dvc.lock caught)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {name: stage.get("do", stage) for name, stage in stages.items()}
+    # The problems stage runs for real (it is cheap): what it loads must be within what it declares.
+    problems = shlex.split(commands["problems"]["cmd"])
+    assert problems[0] == "factory"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["problems"]["arith"]["sizes"] = {name: 2 for name in params["problems"]["arith"]["sizes"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", RUN_COMMAND, *problems[1:]], cwd=tmp_path, env=env,
+                          check=True, capture_output=True, text=True)
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ran["status"] in (0, None) and (tmp_path / "data" / "problems.parquet").exists()
+    loaded = {Path(p).relative_to(ROOT).as_posix() for p in ran["loaded"]}
+    assert loaded and {p for p in loaded if not covers(code_deps(commands["problems"]), p)} == set()
+    # Every command validates the whole params file, importing each section's settings class from both
+    # packages, so every stage that runs `factory` must declare both.
+    for name, command in commands.items():
+        if command["cmd"].split()[0] == "factory":
+            assert {"factory", "train"} <= code_deps(command), name
