@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from factory.answers import answer_status, extract_answer
@@ -91,20 +92,20 @@ class Evaluation:
 
 def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> Evaluation:
     """Score `problems` (dicts with question, gold_answer, split, problem_id)."""
+    return scored(predict(model, tokenizer, problems, config, show_progress=show_progress))
+
+
+def predict(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> list[dict]:
+    """The greedy completion of every problem, with its extracted answer and its status against gold."""
     prompts = [format_prompt(tokenizer, p["question"]) for p in problems]
     completions = generate(
         model, tokenizer, prompts, [EVAL_SEED] * len(prompts), config.decoding(),
         desc="eval", show_progress=show_progress,
     )
-    evaluation = Evaluation()
+    predictions = []
     for problem, completion in zip(problems, completions):
         extraction = extract_answer(completion.text)
-        status = answer_status(extraction.answer, problem.get("gold_answer"))
-        score = evaluation.scores[problem["split"]]
-        score.n += 1
-        score.correct += status == "correct"
-        score.unparseable += status == "unparseable"
-        evaluation.predictions.append(
+        predictions.append(
             {
                 "problem_id": problem["problem_id"],
                 "split": problem["split"],
@@ -112,10 +113,52 @@ def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show
                 "n_tokens": completion.n_tokens,
                 "finish_reason": completion.finish_reason,
                 "answer": extraction.answer,
-                "answer_status": status,
+                "answer_status": answer_status(extraction.answer, problem.get("gold_answer")),
             }
         )
+    return predictions
+
+
+def scored(predictions: list[dict]) -> Evaluation:
+    """The accuracy per split of `predict`'s rows."""
+    evaluation = Evaluation(predictions=predictions)
+    for prediction in predictions:
+        score = evaluation.scores[prediction["split"]]
+        score.n += 1
+        score.correct += prediction["answer_status"] == "correct"
+        score.unparseable += prediction["answer_status"] == "unparseable"
     return evaluation
+
+
+def batch_order(tokenizer, problems: list[dict]) -> list[dict]:
+    """`problems` in the order `generate` batches them (longest prompt first, then input order).
+
+    Cut into shards of `batch_size`, each shard is exactly one batch of a single `generate` call over them
+    all, so predicting shard by shard, in any process, gives every prediction that call gives.
+    """
+    lengths = [len(tokenizer.encode(format_prompt(tokenizer, p["question"]), add_special_tokens=False))
+               for p in problems]
+    return [problems[i] for i in sorted(range(len(problems)), key=lambda i: (-lengths[i], i))]
+
+
+def predict_shard(loaded, shard: list[dict], *, config: EvalConfig) -> list[dict]:
+    """One shard's predictions, from the (model, tokenizer) of `load_model`: what a worker runs."""
+    model, tokenizer = loaded
+    return predict(model, tokenizer, shard, config, show_progress=False)
+
+
+def evaluate_in_shards(model_dir: str, problems: list[dict], config: EvalConfig, *, fingerprint: str,
+                       shard_dir: Path, executor=None) -> Evaluation:
+    """`evaluate` over the model in `model_dir`, one decoder batch per checkpointed shard, run where `executor`
+    says; the predictions come in the order of `problems`. A killed run resumes from its finished shards."""
+    from factory.modeling import load_model, load_tokenizer
+    from factory.shards import run_in_shards
+
+    rows = run_in_shards(batch_order(load_tokenizer(model_dir), problems), partial(predict_shard, config=config),
+                         load=partial(load_model, model_dir), executor=executor, shard_size=config.batch_size,
+                         shard_dir=shard_dir, fingerprint=fingerprint, kind=None, desc="eval")
+    by_problem = {row["problem_id"]: row for row in rows}
+    return scored([by_problem[p["problem_id"]] for p in problems])
 
 
 def select_problems(problems: list[dict], splits: tuple[str, ...], source: str | Path) -> list[dict]:

@@ -142,26 +142,37 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTra
     plain model class of its architecture, which saves as an ordinary HF folder.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokenizer = load_tokenizer(name_or_path)
+    if is_gguf(name_or_path):
+        path = Path(name_or_path)
+        model = _plain_model(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` gives, without the weights (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
     if is_gguf(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {path}")
-        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
-        tokenizer = AutoTokenizer.from_pretrained(**location)
-        model = _plain_model(AutoModelForCausalLM.from_pretrained(**location, dtype=dtype))
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         check_model_location(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device)
-    model.eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def _plain_model(loaded: PreTrainedModel) -> PreTrainedModel:

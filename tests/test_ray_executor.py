@@ -1,0 +1,140 @@
+"""The generating stages on Ray (params `executor`): the same bytes as in one process, at any number of workers.
+
+Ray starts once for the module (2 CPUs, like CI's machine); the stages find it running and use it. Without
+Ray installed (`pip install 'factory[ray]'`) the module skips, except under CI, where it fails.
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import sampling_workspace
+from factory.executor import ExecutorConfig
+from factory.generators.sampling import SamplingConfig, sample_to_file
+from factory.params import ParamsError, section
+from factory.shards import shard_dir_for
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_PARAMS = {"n": 2, "max_new_tokens": 32, "batch_size": 4, "seed": 3, "split": "test", "limit": 24,
+                 "shard_size": 4}
+LOCAL, RAY_1, RAY_2 = (ExecutorConfig(), ExecutorConfig(kind="ray", workers=1),
+                       ExecutorConfig(kind="ray", workers=2))
+
+
+@pytest.fixture(scope="module")
+def ray_installed():
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("ray is not installed: pip install 'factory[ray]'")
+        pytest.skip("ray is not installed: pip install 'factory[ray]'")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_started(ray_installed):
+    from factory.executor import connect
+
+    connect(RAY_2)
+    yield
+    ray_installed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model):
+    return sampling_workspace(tmp_path_factory.mktemp("ray"), tiny_model, test_problems=24)
+
+
+def sample_bytes(root, name: str, executor: ExecutorConfig, **params) -> bytes:
+    out = root / f"{name}.parquet"
+    sample_to_file(model_dir=str(root / "model"), problems_path=str(root / "problems.parquet"), out=str(out),
+                   config=SamplingConfig(**SAMPLE_PARAMS | params), iteration=1, executor=executor)
+    assert not shard_dir_for(out).exists()
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["sampled", "greedy"])
+def test_sample_on_ray_writes_the_local_bytes_at_any_number_of_workers(ray_started, workspace, temperature):
+    local = sample_bytes(workspace, f"local-{temperature}", LOCAL, temperature=temperature)
+    assert sample_bytes(workspace, f"ray1-{temperature}", RAY_1, temperature=temperature) == local
+    assert sample_bytes(workspace, f"ray2-{temperature}", RAY_2, temperature=temperature) == local
+
+
+EVAL_PARAMS = {"splits": ["test"], "max_new_tokens": 32, "batch_size": 4}
+
+
+def eval_bytes(root, name: str, executor: ExecutorConfig) -> tuple[bytes, bytes]:
+    """`factory eval`'s metrics and predictions, run in this process with `executor`."""
+    from factory.cli import main
+
+    params = root / f"params-{name}.yaml"
+    params.write_text(yaml.safe_dump({"eval": EVAL_PARAMS, "executor": dataclasses.asdict(executor)}))
+    metrics, predictions = root / f"{name}.json", root / f"{name}.parquet"
+    assert main(["eval", "--model", str(root / "model"), "--problems", str(root / "problems.parquet"),
+                 "--iteration", "1", "--out", str(metrics), "--predictions", str(predictions),
+                 "--params", str(params)]) in (0, None)
+    assert not shard_dir_for(predictions).exists()
+    return metrics.read_bytes(), predictions.read_bytes()
+
+
+def test_eval_on_ray_writes_the_local_bytes_and_one_generate_calls_predictions(ray_started, workspace):
+    from factory.evaluate import EvalConfig, evaluate
+    from factory.lineage import read_table
+    from factory.modeling import load_model
+
+    local = eval_bytes(workspace, "eval-local", LOCAL)
+    assert eval_bytes(workspace, "eval-ray1", RAY_1) == local
+    assert eval_bytes(workspace, "eval-ray2", RAY_2) == local
+    # Shards are the decoder's own batches: the predictions of one `evaluate` call over every problem.
+    problems = [p for p in read_table(workspace / "problems.parquet", "problems").to_pylist() if p["split"] == "test"]
+    whole = evaluate(*load_model(workspace / "model"), problems, section({"eval": EVAL_PARAMS}, "eval", EvalConfig),
+                     show_progress=False)
+    written = read_table(workspace / "eval-local.parquet").to_pylist()
+    assert [(r["problem_id"], r["text"], r["answer_status"]) for r in written] == \
+        [(r["problem_id"], r["text"], r["answer_status"]) for r in whole.predictions]
+
+
+def test_executor_params_are_checked_and_kept_out_of_what_dvc_tracks():
+    for bad in ({"kind": "spark"}, {"workers": 0}, {"gpus_per_worker": -1}):
+        with pytest.raises(ParamsError):
+            section({"executor": bad}, "executor", ExecutorConfig)
+    stages = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "dvc.yaml")))["stages"]
+    tracked = [param for stage in stages.values() for param in (stage.get("do", stage).get("params") or [])]
+    assert not [param for param in tracked if str(param).split(".")[0] == "executor"]
+
+
+def test_a_killed_ray_sample_resumes_to_the_same_bytes(ray_installed, workspace):
+    """`factory sample` on a Ray of its own (2 workers) killed with SIGKILL mid-run, then run again, writes the
+    bytes of an uninterrupted local run."""
+    def command(executor: dict, out):
+        params = workspace / f"params-{executor['kind']}.yaml"
+        params.write_text(yaml.safe_dump({"sample": SAMPLE_PARAMS | {"temperature": 1.0, "shard_size": 2},
+                                          "executor": executor}))
+        return [sys.executable, "-m", "factory.cli", "sample", "--model", str(workspace / "model"),
+                "--problems", str(workspace / "problems.parquet"), "--iteration", "1", "--out", str(out),
+                "--params", str(params)]
+
+    whole, resumed = workspace / "whole.parquet", workspace / "resumed.parquet"
+    subprocess.run(command({"kind": "local"}, whole), check=True, capture_output=True)
+    on_ray = command({"kind": "ray", "workers": 2}, resumed)
+    shards = shard_dir_for(resumed)
+    process = subprocess.Popen(on_ray, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("job-*/shard-*.parquet"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not resumed.exists(), "the run finished before it could be killed"
+    assert 2 <= len(list(shards.glob("job-*/shard-*.parquet"))) < 12
+
+    result = subprocess.run(on_ray, check=True, capture_output=True, text=True)
+    assert "resumed" in result.stdout
+    assert resumed.read_bytes() == whole.read_bytes()
