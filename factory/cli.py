@@ -181,9 +181,11 @@ def cmd_warmup(args) -> None:
 def cmd_train(args) -> None:
     """One iteration's training step: the recipe's own (params `recipe`; `factory recipe --list` lists them).
 
-    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`.
+    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`; the second round of sampling runs
+    where `executor` says.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
+    from factory.executor import ExecutorConfig
     from factory.filters import FilterConfig
     from factory.generators.sampling import SamplingConfig, check_backend
     from factory.io import write_json
@@ -205,7 +207,8 @@ def cmd_train(args) -> None:
         dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
         self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
         orpo_config=section(params, "orpo", ORPORunConfig, path=args.params),
-        pair_rule=recipe.pairs.name if recipe.pairs else None)
+        pair_rule=recipe.pairs.name if recipe.pairs else None,
+        executor=section(params, "executor", ExecutorConfig, path=args.params))
     summary = recipe.train(iteration)
     if args.summary:
         write_json(args.summary, summary)

@@ -157,17 +157,25 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTra
     return model, tokenizer
 
 
+def check_model(name_or_path: str | Path) -> None:
+    """`load_model`'s one-line error for a model that cannot be there, without loading it (for a stage whose
+    workers load the model: the error comes before any work starts)."""
+    if is_gguf(name_or_path):
+        if not Path(name_or_path).is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {name_or_path}")
+    else:
+        check_model_location(name_or_path)
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer `load_model` gives, without the weights (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
+    check_model(name_or_path)
     if is_gguf(name_or_path):
         path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF model file not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
-        check_model_location(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -19,7 +19,7 @@ from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
 from factory.lineage import model_id as model_id_of
 from factory.lineage import read_table, write_table
-from factory.modeling import format_prompt, load_model
+from factory.modeling import check_model, format_prompt, load_model
 from factory.schema import from_rows
 from factory.shards import clear_shards, run_in_shards, shard_dir_for
 
@@ -159,10 +159,11 @@ def sample_to_file(
     # Batch and shard sizes change no row; the shard size still keys the checkpoints it cut.
     params = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "shard_size")}
     fingerprint = content_hash(mid, file_fingerprint(problems_path), params, iteration, config.shard_size)
+    check_model(model_dir)  # the workers load it: a model that is not there fails before any shard starts
     shard_dir = shard_dir or shard_dir_for(out)
     rows = run_in_shards(
         problems, partial(sample_shard, config=config, model_id=mid, iteration=iteration),
-        load=partial(load_sampler, str(Path(model_dir).absolute()), config), executor=executor,
+        load=partial(load_sampler, model_dir, config), executor=executor,
         shard_size=config.shard_size, shard_dir=shard_dir, fingerprint=fingerprint, kind="samples", desc="sample",
     )
     write_table(
