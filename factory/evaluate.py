@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from factory.answers import answer_status, extract_answer
-from factory.generators.decoding import DecodingConfig, generate
+from factory.generators.decoding import DecodingConfig, batch_order, generate
 from factory.ids import content_id
 from factory.modeling import format_prompt
 
@@ -130,17 +130,6 @@ def scored(predictions: list[dict]) -> Evaluation:
     return evaluation
 
 
-def batch_order(tokenizer, problems: list[dict]) -> list[dict]:
-    """`problems` in the order `generate` batches them (longest prompt first, then input order).
-
-    Cut into shards of `batch_size`, each shard is exactly one batch of a single `generate` call over them
-    all, so predicting shard by shard, in any process, gives every prediction that call gives.
-    """
-    lengths = [len(tokenizer.encode(format_prompt(tokenizer, p["question"]), add_special_tokens=False))
-               for p in problems]
-    return [problems[i] for i in sorted(range(len(problems)), key=lambda i: (-lengths[i], i))]
-
-
 def predict_shard(loaded, shard: list[dict], *, config: EvalConfig) -> list[dict]:
     """One shard's predictions, from the (model, tokenizer) of `load_model`: what a worker runs."""
     model, tokenizer = loaded
@@ -149,12 +138,15 @@ def predict_shard(loaded, shard: list[dict], *, config: EvalConfig) -> list[dict
 
 def evaluate_in_shards(model_dir: str, problems: list[dict], config: EvalConfig, *, fingerprint: str,
                        shard_dir: Path, executor=None) -> Evaluation:
-    """`evaluate` over the model in `model_dir`, one decoder batch per checkpointed shard, run where `executor`
-    says; the predictions come in the order of `problems`. A killed run resumes from its finished shards."""
+    """`evaluate` over the model in `model_dir`, one decoder batch per checkpointed shard (`batch_order`: the
+    predictions of one `evaluate` call), run where `executor` says; the predictions come in the order of
+    `problems`. A killed run resumes from its finished shards."""
     from factory.modeling import load_model, load_tokenizer
     from factory.shards import run_in_shards
 
-    rows = run_in_shards(batch_order(load_tokenizer(model_dir), problems), partial(predict_shard, config=config),
+    tokenizer = load_tokenizer(model_dir)
+    order = batch_order(tokenizer, [format_prompt(tokenizer, p["question"]) for p in problems])
+    rows = run_in_shards([problems[i] for i in order], partial(predict_shard, config=config),
                          load=partial(load_model, model_dir), executor=executor, shard_size=config.batch_size,
                          shard_dir=shard_dir, fingerprint=fingerprint, kind=None, desc="eval")
     by_problem = {row["problem_id"]: row for row in rows}

@@ -138,3 +138,87 @@ def test_a_killed_ray_sample_resumes_to_the_same_bytes(ray_installed, workspace)
     result = subprocess.run(on_ray, check=True, capture_output=True, text=True)
     assert "resumed" in result.stdout
     assert resumed.read_bytes() == whole.read_bytes()
+
+
+STEPS_PARAMS = {"max_new_tokens": 16, "batch_size": 8, "shard_size": 3, "rollouts": 2, "rollout_samples": 0,
+                "attempts": 2, "seed": 2}
+
+
+@pytest.fixture(scope="module")
+def steps_inputs(workspace):
+    """Kept samples for the step makers: two correct three-step rationales for each of 8 test problems."""
+    import pyarrow.parquet as pq
+
+    from factory.labelers import label_samples
+    from factory.lineage import read_table
+    from factory.schema import from_rows
+
+    problems = read_table(workspace / "problems.parquet", "problems")
+    rows = [{"sample_id": f"s-{p['problem_id']}-{i}", "problem_id": p["problem_id"], "iteration": 1,
+             "model_id": "m-test", "generator": "hf", "sample_index": i, "seed": 0, "temperature": 0.7,
+             "top_p": 1.0, "max_new_tokens": 64, "calculator": True, "n_tokens": 20, "finish_reason": "stop",
+             "text": f"First {i} step.\nThen a second.\nSo the answer.\n#### {p['gold_answer']}"}
+            for p in problems.to_pylist() if p["split"] == "test" for i in range(2)][:16]
+    samples = from_rows(rows, "samples")
+    pq.write_table(samples, workspace / "kept.parquet")
+    pq.write_table(label_samples(samples, problems, labelers=("gold",)), workspace / "labels.parquet")
+    return workspace
+
+
+def step_inputs(root, name: str, executor: ExecutorConfig):
+    from factory.lineage import model_id
+    from factory.step_stage import StepInputs
+
+    return StepInputs(model_dir=str(root / "model"), policy_id=model_id(root / "model"),
+                      problems_path=str(root / "problems.parquet"), samples_path=str(root / "kept.parquet"),
+                      labels_path=str(root / "labels.parquet"), iteration=1, out_dir=root / name,
+                      params={"steps": STEPS_PARAMS, "executor": dataclasses.asdict(executor)},
+                      params_path="<test>")
+
+
+def scdpo_bytes(root, name: str, executor: ExecutorConfig) -> list[bytes]:
+    """The `steps` stage of recipe scdpo (step-controlled continuations): its four tables' bytes."""
+    from factory.recipes.base import get_recipe
+    from factory.step_stage import run_steps
+
+    it = step_inputs(root, name, executor)
+    run_steps(recipe=get_recipe("scdpo"), model_dir=it.model_dir, problems_path=it.problems_path,
+              samples_path=it.samples_path, labels_path=it.labels_path, iteration=1, out=str(it.out_dir),
+              params=it.params, params_path=it.params_path)
+    assert not shard_dir_for(it.out_dir).exists()
+    return [(it.out_dir / table).read_bytes() for table in sorted(os.listdir(it.out_dir))]
+
+
+def test_step_controlled_continuations_on_ray_write_the_local_bytes(ray_started, steps_inputs):
+    from factory.lineage import read_table
+
+    local = scdpo_bytes(steps_inputs, "scdpo-local", LOCAL)
+    assert len(local) == 4 and read_table(steps_inputs / "scdpo-local" / "samples.parquet").num_rows >= 16
+    assert scdpo_bytes(steps_inputs, "scdpo-ray2", RAY_2) == local
+
+
+def test_rollouts_on_ray_are_one_generate_calls_and_write_the_local_bytes(ray_started, steps_inputs):
+    """SIPF's rollouts, one decoder batch per shard: the rows of one `mc_rollouts` call, wherever they run."""
+    from factory.generators.continuations import StepsConfig, mc_rollouts, rollouts_in_shards
+    from factory.lineage import read_table
+    from factory.modeling import load_model
+    from factory.shards import clear_shards
+    from factory.step_stage import generate_and_label, write_generated
+
+    config = section({"steps": STEPS_PARAMS}, "steps", StepsConfig)
+    written = {}
+    for name, executor in (("rollouts-local", LOCAL), ("rollouts-ray2", RAY_2)):
+        it = step_inputs(steps_inputs, name, executor)
+        made = generate_and_label(it, rollouts_in_shards, config)
+        it.out_dir.mkdir()
+        write_generated("sipf_orpo", it.out_dir, made.tables, problems_path=it.problems_path,
+                        samples_path=it.samples_path, labels_path=it.labels_path, model_id=it.policy_id)
+        clear_shards(shard_dir_for(it.out_dir))
+        written[name] = [(it.out_dir / table).read_bytes() for table in ("samples.parquet", "labels.parquet")]
+        rows = made.tables.samples
+    assert written["rollouts-ray2"] == written["rollouts-local"]
+    one_call = mc_rollouts(*load_model(steps_inputs / "model"), read_table(it.problems_path).to_pylist(),
+                           read_table(it.samples_path).to_pylist(), read_table(it.labels_path).to_pylist(), config,
+                           model_id=it.policy_id, iteration=1, show_progress=False)
+    assert len(rows) == 16 * 2 * 2
+    assert [(r["sample_id"], r["text"]) for r in rows] == [(r["sample_id"], r["text"]) for r in one_call]
