@@ -82,8 +82,10 @@ class StepShards:
 
     inputs: StepInputs
 
-    def run(self, items: list, work: Callable, *, shard_size: int, key: Any, desc: str) -> list[dict]:
-        """`samples` rows of `work((model, tokenizer), shard)` over `items`; `key`: what else defines the rows."""
+    def run(self, items: list, work: Callable, *, shard_size: int, key: Any, desc: str,
+            kind: str | None = "samples") -> list[dict]:
+        """Rows (a table of `kind`) of `work((model, tokenizer), shard)` over `items`; `key`: what else defines
+        them."""
         from factory.executor import ExecutorConfig
         from factory.ids import content_hash, file_fingerprint
         from factory.modeling import load_model
@@ -93,7 +95,7 @@ class StepShards:
         tables = [file_fingerprint(path) for path in (it.problems_path, it.samples_path, it.labels_path)]
         return run_in_shards(items, work, load=partial(load_model, it.model_dir),
                              executor=it.section("executor", ExecutorConfig), shard_size=shard_size,
-                             shard_dir=shard_dir_for(it.out_dir), kind="samples", desc=desc,
+                             shard_dir=shard_dir_for(it.out_dir), kind=kind, desc=desc,
                              fingerprint=content_hash(it.policy_id, tables, it.iteration, key, shard_size))
 
 

@@ -176,25 +176,31 @@ def step_inputs(root, name: str, executor: ExecutorConfig):
                       params_path="<test>")
 
 
-def scdpo_bytes(root, name: str, executor: ExecutorConfig) -> list[bytes]:
-    """The `steps` stage of recipe scdpo (step-controlled continuations): its four tables' bytes."""
+MCTS_PARAMS = {"problems": 6, "width": 2, "simulations": 2, "max_depth": 3, "max_step_tokens": 12, "batch_size": 8,
+               "shard_size": 2, "seed": 1}
+
+
+def steps_bytes(root, recipe: str, name: str, executor: ExecutorConfig) -> list[bytes]:
+    """The `steps` stage of `recipe`: its four tables' bytes."""
     from factory.recipes.base import get_recipe
     from factory.step_stage import run_steps
 
     it = step_inputs(root, name, executor)
-    run_steps(recipe=get_recipe("scdpo"), model_dir=it.model_dir, problems_path=it.problems_path,
+    run_steps(recipe=get_recipe(recipe), model_dir=it.model_dir, problems_path=it.problems_path,
               samples_path=it.samples_path, labels_path=it.labels_path, iteration=1, out=str(it.out_dir),
-              params=it.params, params_path=it.params_path)
+              params=it.params | {"mcts": MCTS_PARAMS}, params_path=it.params_path)
     assert not shard_dir_for(it.out_dir).exists()
     return [(it.out_dir / table).read_bytes() for table in sorted(os.listdir(it.out_dir))]
 
 
-def test_step_controlled_continuations_on_ray_write_the_local_bytes(ray_started, steps_inputs):
+@pytest.mark.parametrize(("recipe", "table", "rows"), [("scdpo", "samples", 16), ("mcts_dpo", "nodes", 6 * 3)])
+def test_steps_on_ray_write_the_local_bytes(ray_started, steps_inputs, recipe, table, rows):
+    """SCDPO's continuations (problem shards) and MCTS-DPO's trees (shards of trees advanced together)."""
     from factory.lineage import read_table
 
-    local = scdpo_bytes(steps_inputs, "scdpo-local", LOCAL)
-    assert len(local) == 4 and read_table(steps_inputs / "scdpo-local" / "samples.parquet").num_rows >= 16
-    assert scdpo_bytes(steps_inputs, "scdpo-ray2", RAY_2) == local
+    local = steps_bytes(steps_inputs, recipe, f"{recipe}-local", LOCAL)
+    assert len(local) == 4 and read_table(steps_inputs / f"{recipe}-local" / f"{table}.parquet").num_rows >= rows
+    assert steps_bytes(steps_inputs, recipe, f"{recipe}-ray2", RAY_2) == local
 
 
 def test_rollouts_on_ray_are_one_generate_calls_and_write_the_local_bytes(ray_started, steps_inputs):
