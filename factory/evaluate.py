@@ -141,14 +141,16 @@ def evaluate_in_shards(model_dir: str, problems: list[dict], config: EvalConfig,
     """`evaluate` over the model in `model_dir`, one decoder batch per checkpointed shard (`batch_order`: the
     predictions of one `evaluate` call), run where `executor` says; the predictions come in the order of
     `problems`. A killed run resumes from its finished shards."""
+    from factory.executor import worker_path
     from factory.modeling import load_model, load_tokenizer
     from factory.shards import run_in_shards
 
     tokenizer = load_tokenizer(model_dir)
     order = batch_order(tokenizer, [format_prompt(tokenizer, p["question"]) for p in problems])
     rows = run_in_shards([problems[i] for i in order], partial(predict_shard, config=config),
-                         load=partial(load_model, model_dir), executor=executor, shard_size=config.batch_size,
-                         shard_dir=shard_dir, fingerprint=fingerprint, kind=None, desc="eval")
+                         load=partial(load_model, worker_path(model_dir)), executor=executor,
+                         shard_size=config.batch_size, shard_dir=shard_dir, fingerprint=fingerprint, kind=None,
+                         desc="eval")
     by_problem = {row["problem_id"]: row for row in rows}
     return scored([by_problem[p["problem_id"]] for p in problems])
 

@@ -67,6 +67,12 @@ def map_shards(pending: list[tuple[int, Sequence]], load: Load, work: Work,
     yield from _on_ray(pending, load, work, config)
 
 
+def worker_path(path: str | Path) -> str:
+    """`path` as a worker on another node finds it on a shared filesystem: absolute when it is a local file or
+    folder (a model folder), as given otherwise (a Hub id)."""
+    return str(Path(path).absolute()) if Path(path).exists() else str(path)
+
+
 def connect(config: ExecutorConfig) -> None:
     """Join the cluster at `executor.address` or $RAY_ADDRESS, else start a local Ray with `workers` CPUs.
 

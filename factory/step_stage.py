@@ -86,14 +86,14 @@ class StepShards:
             kind: str | None = "samples") -> list[dict]:
         """Rows (a table of `kind`) of `work((model, tokenizer), shard)` over `items`; `key`: what else defines
         them."""
-        from factory.executor import ExecutorConfig
+        from factory.executor import ExecutorConfig, worker_path
         from factory.ids import content_hash, file_fingerprint
         from factory.modeling import load_model
         from factory.shards import run_in_shards, shard_dir_for
 
         it = self.inputs
         tables = [file_fingerprint(path) for path in (it.problems_path, it.samples_path, it.labels_path)]
-        return run_in_shards(items, work, load=partial(load_model, it.model_dir),
+        return run_in_shards(items, work, load=partial(load_model, worker_path(it.model_dir)),
                              executor=it.section("executor", ExecutorConfig), shard_size=shard_size,
                              shard_dir=shard_dir_for(it.out_dir), kind=kind, desc=desc,
                              fingerprint=content_hash(it.policy_id, tables, it.iteration, key, shard_size))

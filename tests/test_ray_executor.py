@@ -228,3 +228,19 @@ def test_rollouts_on_ray_are_one_generate_calls_and_write_the_local_bytes(ray_st
                            model_id=it.policy_id, iteration=1, show_progress=False)
     assert len(rows) == 16 * 2 * 2
     assert [(r["sample_id"], r["text"]) for r in rows] == [(r["sample_id"], r["text"]) for r in one_call]
+
+
+def test_the_second_round_of_train_on_ray_writes_the_local_bytes(ray_started, workspace):
+    """`train`'s second round (sample, label, filter under its work folder) with params `executor`."""
+    from factory.filters import FilterConfig
+    from train.iteration import SelfTrainConfig, _second_round
+
+    written = []
+    for name, executor in (("round-local", LOCAL), ("round-ray2", RAY_2)):
+        work = workspace / name
+        work.mkdir()
+        _second_round(model_dir=workspace / "model", problems_path=str(workspace / "problems.parquet"), work=work,
+                      sampling=SamplingConfig(**SAMPLE_PARAMS), self_train=SelfTrainConfig(n=2), iteration=1,
+                      first_round=None, filter_config=FilterConfig(), executor=executor)
+        written.append([(work / table).read_bytes() for table in sorted(os.listdir(work))])
+    assert len(written[0]) == 4 and written[1] == written[0]

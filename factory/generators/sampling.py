@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
-from factory.executor import ExecutorConfig
+from factory.executor import ExecutorConfig, worker_path
 from factory.generators import vllm_backend
 from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
@@ -163,7 +163,7 @@ def sample_to_file(
     shard_dir = shard_dir or shard_dir_for(out)
     rows = run_in_shards(
         problems, partial(sample_shard, config=config, model_id=mid, iteration=iteration),
-        load=partial(load_sampler, model_dir, config), executor=executor,
+        load=partial(load_sampler, worker_path(model_dir), config), executor=executor,
         shard_size=config.shard_size, shard_dir=shard_dir, fingerprint=fingerprint, kind="samples", desc="sample",
     )
     write_table(

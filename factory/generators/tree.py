@@ -46,8 +46,8 @@ from factory.ids import content_hash, content_id
 from factory.labelers.gold import gold_labels
 from factory.modeling import format_prompt
 
-__all__ = ["MCTSConfig", "Node", "backup", "commit", "commit_path", "expand", "exhausted", "merge_searches", "path_text",
-           "priors", "puct_score", "rebuild", "search_shard", "select_leaf", "tree_search"]
+__all__ = ["MCTSConfig", "Node", "backup", "commit", "commit_path", "expand", "exhausted", "merge_searches",
+           "path_text", "priors", "puct_score", "rebuild", "search_shard", "select_leaf", "tree_search"]
 
 
 @dataclass(frozen=True, kw_only=True)
