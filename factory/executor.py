@@ -119,12 +119,15 @@ def _on_ray(pending: list[tuple[int, Sequence]], load: Load, work: Work,
     ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's own bar counts shards
     shards = ray.data.from_items([{"index": index, "items": pickle.dumps(list(items))} for index, items in pending],
                                  override_num_blocks=len(pending))
-    done = shards.map_batches(ShardWorker, fn_constructor_args=(load, work), batch_size=1,
-                              compute=ray.data.ActorPoolStrategy(size=min(config.workers, len(pending))),
+    # One shard in flight per actor: a free actor takes the next shard (no queue behind a slow one), and
+    # each shard comes back, to be checkpointed, as soon as it is done.
+    pool = ray.data.ActorPoolStrategy(size=min(config.workers, len(pending)), max_tasks_in_flight_per_actor=1)
+    done = shards.map_batches(ShardWorker, fn_constructor_args=(load, work), batch_size=1, compute=pool,
                               num_cpus=1, num_gpus=config.gpus_per_worker or None)
     ran: set[str] = set()
-    for row in done.iter_rows():
-        ran.update(pickle.loads(row["modules"]))
-        yield int(row["index"]), pickle.loads(row["rows"])
+    for batch in done.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):  # as they finish
+        for index, rows, modules in zip(batch["index"], batch["rows"], batch["modules"]):
+            ran.update(pickle.loads(modules))
+            yield int(index), pickle.loads(rows)
     for name in sorted(ran - set(sys.modules)):  # so the output's code_version counts the code the workers ran
         importlib.import_module(name)
