@@ -141,6 +141,7 @@ def run_in_shards(
     `work(load(), shard)`: the model is loaded once per worker of `executor` (default: this process), and
     only if a shard is left to make. Each shard is checkpointed as it comes back, whatever order the
     workers finish in; the rows come in shard order.
+
     The job's folder stays locked by this process until `clear_shards(shard_dir)` (or the process ends),
     so no other run of the job writes or removes its shards meanwhile.
     """
