@@ -244,3 +244,37 @@ def test_the_second_round_of_train_on_ray_writes_the_local_bytes(ray_started, wo
                       first_round=None, filter_config=FilterConfig(), executor=executor)
         written.append([(work / table).read_bytes() for table in sorted(os.listdir(work))])
     assert len(written[0]) == 4 and written[1] == written[0]
+
+
+def test_dvc_repro_on_ray_writes_the_local_bytes_and_switching_executor_reruns_nothing(ray_installed, workspace):
+    """A DVC project whose `sample` stage tracks params `sample` only, as dvc.yaml's does: switching `executor`
+    leaves `dvc status` clean, and a forced `dvc repro` on Ray (a Ray of its own, 2 workers) writes the same bytes."""
+    import shutil
+
+    root = workspace / "dvc"
+    shutil.copytree(workspace / "model", root / "model")
+    shutil.copy(workspace / "problems.parquet", root)
+    stage = {"cmd": f"{sys.executable} -m factory.cli sample --model model --problems problems.parquet "
+                    "--iteration 1 --out samples.parquet",
+             "deps": ["model", "problems.parquet"], "params": ["sample"], "outs": ["samples.parquet"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sample": stage}}))
+
+    def params(executor: dict) -> None:
+        (root / "params.yaml").write_text(yaml.safe_dump({"sample": SAMPLE_PARAMS | {"temperature": 1.0},
+                                                          "executor": executor}))
+
+    def dvc(*args: str) -> str:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        result = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    params({"kind": "local"})
+    dvc("init", "--no-scm", "-q")
+    dvc("repro", "-q")
+    local = (root / "samples.parquet").read_bytes()
+    params({"kind": "ray", "workers": 2})
+    assert "up to date" in dvc("status")
+    assert "ShardWorker" in dvc("repro", "--force")  # the stage ran, on Ray's actors
+    assert (root / "samples.parquet").read_bytes() == local
+    assert "up to date" in dvc("status")
