@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Regenerate requirements.lock: the exact versions and sha256 hashes of everything `factory[test]` needs.
+"""Regenerate requirements.lock: the exact versions and sha256 hashes of everything `factory[test,ray]` needs.
 
     python3 .ci/lock.py > requirements.lock
 
 Pins what the active environment has installed (run it in the environment that made the committed
-dvc.lock): the dependency closure of the installed `factory` distribution with its `test` extra, read
-with importlib.metadata. The hashes come from pip without installing anything:
+dvc.lock): the dependency closure of pyproject.toml's requirements with the `test` and `ray` extras, at
+the versions installed, read with importlib.metadata. The hashes come from pip without installing anything:
 `pip install --dry-run --ignore-installed --report` names the file pip would use for each pin (PyPI, or
 on CI machines the local mirror and /opt/wheels for torch's CPU build) and its sha256.
 """
@@ -17,13 +17,16 @@ import json
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+EXTRAS = ("test", "ray")  # the tests need both: CI runs the Ray tests rather than skipping them
+
 HEADER = """\
-# requirements.lock: exact versions and sha256 hashes of every package factory and its `test` extra need,
+# requirements.lock: exact versions and sha256 hashes of every package factory and its `test` and `ray` extras need,
 # for Linux x86_64, CPython 3.11 (glibc >= 2.28): the environment of the committed dvc.lock (issue 21).
 # Install (from the repository root):
 #   python3 -m pip install --require-hashes -r requirements.lock && python3 -m pip install --no-deps -e .
@@ -36,8 +39,12 @@ HEADER = """\
 """
 
 
-def closure(root: str = "factory", extras: tuple[str, ...] = ("test",)) -> dict[str, str]:
-    """name -> installed version of every distribution `root[extras]` needs (root excluded)."""
+def closure(extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
+    """name -> installed version of every distribution factory with `extras` needs (factory excluded).
+
+    factory's own requirements come from this checkout's pyproject.toml, not from the installed metadata,
+    which may be another checkout's (an editable install made before an extra was added).
+    """
     seen: dict[str, tuple[str, str, set[str]]] = {}
 
     def visit(name: str, wanted: set[str]) -> None:
@@ -52,8 +59,13 @@ def closure(root: str = "factory", extras: tuple[str, ...] = ("test",)) -> dict[
             if req.marker is None or any(req.marker.evaluate(env) for env in environments):
                 visit(req.name, set(req.extras))
 
-    visit(root, set(extras))
-    return {name: version for key, (name, version, _) in sorted(seen.items()) if key != canonicalize_name(root)}
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [line for extra in extras for line in project["optional-dependencies"][extra]]
+    for line in wanted:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            visit(req.name, set(req.extras))
+    return {name: version for key, (name, version, _) in sorted(seen.items())}
 
 
 def main() -> int:

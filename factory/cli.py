@@ -181,9 +181,11 @@ def cmd_warmup(args) -> None:
 def cmd_train(args) -> None:
     """One iteration's training step: the recipe's own (params `recipe`; `factory recipe --list` lists them).
 
-    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`.
+    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`; the second round of sampling runs
+    where `executor` says.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
+    from factory.executor import ExecutorConfig
     from factory.filters import FilterConfig
     from factory.generators.sampling import SamplingConfig, check_backend
     from factory.io import write_json
@@ -205,7 +207,8 @@ def cmd_train(args) -> None:
         dpo_config=section(params, "dpo", DPOTrainConfig, path=args.params),
         self_train=section(params, "self_train", SelfTrainConfig, path=args.params),
         orpo_config=section(params, "orpo", ORPORunConfig, path=args.params),
-        pair_rule=recipe.pairs.name if recipe.pairs else None)
+        pair_rule=recipe.pairs.name if recipe.pairs else None,
+        executor=section(params, "executor", ExecutorConfig, path=args.params))
     summary = recipe.train(iteration)
     if args.summary:
         write_json(args.summary, summary)
@@ -255,29 +258,39 @@ def cmd_dpo(args) -> None:
 def cmd_eval(args) -> None:
     """Greedy accuracy per split, decoded with the calculator, as DVC metrics JSON.
 
+    One decoder batch per checkpointed shard, run where params `executor` says (local, or Ray actors): a killed
+    run resumes, and neither changes a byte.
+
     Example: factory eval --model models/iter_0 --problems data/problems.parquet --out metrics/iter_0.json
     """
     import pyarrow as pa
 
-    from factory.evaluate import EvalConfig, evaluate, select_problems
+    from factory.evaluate import EvalConfig, evaluate_in_shards, select_problems
+    from factory.executor import ExecutorConfig
+    from factory.ids import content_hash, file_fingerprint
     from factory.io import write_json
     from factory.lineage import model_id, read_table, write_table
-    from factory.modeling import load_model
     from factory.params import as_dict, section
+    from factory.shards import clear_shards, shard_dir_for
 
-    config = section(_params(args), "eval", EvalConfig, path=args.params)
+    params = _params(args)
+    config = section(params, "eval", EvalConfig, path=args.params)
     if args.splits:
         config = EvalConfig(**{**as_dict(config), "splits": tuple(args.splits.split(","))})
     problems = select_problems(read_table(args.problems, "problems").to_pylist(), config.splits, args.problems)
-    model, tokenizer = load_model(args.model)
-    evaluation = evaluate(model, tokenizer, problems, config)
+    mid = model_id(args.model)
+    shard_dir = shard_dir_for(args.predictions or args.out)
+    evaluation = evaluate_in_shards(
+        args.model, problems, config, shard_dir=shard_dir,
+        fingerprint=content_hash(mid, file_fingerprint(args.problems), as_dict(config)),
+        executor=section(params, "executor", ExecutorConfig, path=args.params))
     metrics = evaluation.metrics()
     write_json(args.out, metrics)
     if args.predictions:
-        mid = model_id(args.model)
         rows = evaluation.sample_rows(model_id=mid, config=config, iteration=args.iteration)
         write_table(pa.Table.from_pylist(rows), args.predictions, kind="samples", stage="eval",
                     params=as_dict(config), inputs={"problems": args.problems}, model_id=mid)
+    clear_shards(shard_dir)
     for split, m in metrics.items():
         print(f"{split}: accuracy {m['accuracy']:.3f} ± {m['stderr']:.3f} (n={m['n']}, unparseable {m['unparseable']})")
 
@@ -371,15 +384,19 @@ def cmd_filter(args) -> None:
 def cmd_sample(args) -> None:
     """Sample N rationales per problem from a model, with the calculator, in resumable shards.
 
-    Params come from the `sample` section (n, temperature, split, limit, backend: hf | vllm, ...).
+    Params come from the `sample` section (n, temperature, split, limit, backend: hf | vllm, ...); the shards
+    run where `executor` says (local, or Ray actors), which changes no byte.
     Example: factory sample --model models/iter_0 --problems data/problems.parquet --iteration 1 --out data/iter_1/samples.parquet
     """
+    from factory.executor import ExecutorConfig
     from factory.generators.sampling import SamplingConfig, sample_to_file
     from factory.params import section
 
-    config = section(_params(args), "sample", SamplingConfig, path=args.params)
+    params = _params(args)
+    config = section(params, "sample", SamplingConfig, path=args.params)
     rows = sample_to_file(model_dir=args.model, problems_path=args.problems, out=args.out, config=config,
-                          iteration=args.iteration)
+                          iteration=args.iteration, executor=section(params, "executor", ExecutorConfig,
+                                                                      path=args.params))
     print(f"{args.out}: {rows} samples ({config.n} per problem of split {config.split!r})")
 
 

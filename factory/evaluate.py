@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from factory.answers import answer_status, extract_answer
-from factory.generators.decoding import DecodingConfig, generate
+from factory.generators.decoding import DecodingConfig, batch_order, generate
 from factory.ids import content_id
 from factory.modeling import format_prompt
 
@@ -91,20 +92,20 @@ class Evaluation:
 
 def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> Evaluation:
     """Score `problems` (dicts with question, gold_answer, split, problem_id)."""
+    return scored(predict(model, tokenizer, problems, config, show_progress=show_progress))
+
+
+def predict(model, tokenizer, problems: list[dict], config: EvalConfig, *, show_progress: bool = True) -> list[dict]:
+    """The greedy completion of every problem, with its extracted answer and its status against gold."""
     prompts = [format_prompt(tokenizer, p["question"]) for p in problems]
     completions = generate(
         model, tokenizer, prompts, [EVAL_SEED] * len(prompts), config.decoding(),
         desc="eval", show_progress=show_progress,
     )
-    evaluation = Evaluation()
+    predictions = []
     for problem, completion in zip(problems, completions):
         extraction = extract_answer(completion.text)
-        status = answer_status(extraction.answer, problem.get("gold_answer"))
-        score = evaluation.scores[problem["split"]]
-        score.n += 1
-        score.correct += status == "correct"
-        score.unparseable += status == "unparseable"
-        evaluation.predictions.append(
+        predictions.append(
             {
                 "problem_id": problem["problem_id"],
                 "split": problem["split"],
@@ -112,10 +113,46 @@ def evaluate(model, tokenizer, problems: list[dict], config: EvalConfig, *, show
                 "n_tokens": completion.n_tokens,
                 "finish_reason": completion.finish_reason,
                 "answer": extraction.answer,
-                "answer_status": status,
+                "answer_status": answer_status(extraction.answer, problem.get("gold_answer")),
             }
         )
+    return predictions
+
+
+def scored(predictions: list[dict]) -> Evaluation:
+    """The accuracy per split of `predict`'s rows."""
+    evaluation = Evaluation(predictions=predictions)
+    for prediction in predictions:
+        score = evaluation.scores[prediction["split"]]
+        score.n += 1
+        score.correct += prediction["answer_status"] == "correct"
+        score.unparseable += prediction["answer_status"] == "unparseable"
     return evaluation
+
+
+def predict_shard(loaded, shard: list[dict], *, config: EvalConfig) -> list[dict]:
+    """One shard's predictions, from the (model, tokenizer) of `load_model`: what a worker runs."""
+    model, tokenizer = loaded
+    return predict(model, tokenizer, shard, config, show_progress=False)
+
+
+def evaluate_in_shards(model_dir: str, problems: list[dict], config: EvalConfig, *, fingerprint: str,
+                       shard_dir: Path, executor=None) -> Evaluation:
+    """`evaluate` over the model in `model_dir`, one decoder batch per checkpointed shard (`batch_order`: the
+    predictions of one `evaluate` call), run where `executor` says; the predictions come in the order of
+    `problems`. A killed run resumes from its finished shards."""
+    from factory.executor import worker_path
+    from factory.modeling import load_model, load_tokenizer
+    from factory.shards import run_in_shards
+
+    tokenizer = load_tokenizer(model_dir)
+    order = batch_order(tokenizer, [format_prompt(tokenizer, p["question"]) for p in problems])
+    rows = run_in_shards([problems[i] for i in order], partial(predict_shard, config=config),
+                         load=partial(load_model, worker_path(model_dir)), executor=executor,
+                         shard_size=config.batch_size, shard_dir=shard_dir, fingerprint=fingerprint, kind=None,
+                         desc="eval")
+    by_problem = {row["problem_id"]: row for row in rows}
+    return scored([by_problem[p["problem_id"]] for p in problems])
 
 
 def select_problems(problems: list[dict], splits: tuple[str, ...], source: str | Path) -> list[dict]:

@@ -142,26 +142,45 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> tuple[PreTra
     plain model class of its architecture, which saves as an ordinary HF folder.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokenizer = load_tokenizer(name_or_path)
     if is_gguf(name_or_path):
         path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF model file not found: {path}")
-        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
-        tokenizer = AutoTokenizer.from_pretrained(**location)
-        model = _plain_model(AutoModelForCausalLM.from_pretrained(**location, dtype=dtype))
+        model = _plain_model(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=dtype))
     else:
-        check_model_location(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_model(name_or_path: str | Path) -> None:
+    """`load_model`'s one-line error for a model that cannot be there, without loading it (for a stage whose
+    workers load the model: the error comes before any work starts)."""
+    if is_gguf(name_or_path):
+        if not Path(name_or_path).is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {name_or_path}")
+    else:
+        check_model_location(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` gives, without the weights (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    check_model(name_or_path)
+    if is_gguf(name_or_path):
+        path = Path(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _plain_model(loaded: PreTrainedModel) -> PreTrainedModel:

@@ -55,6 +55,7 @@ SECTIONS = {
     "orpo": "train.orpo:ORPORunConfig",
     "self_train": "train.iteration:SelfTrainConfig",
     "pairs": "factory.pairs:PairsConfig",
+    "executor": "factory.executor:ExecutorConfig",
 }
 PROBLEM_SOURCES = {"arith": "factory.problems.arith:ArithConfig"}
 TOP_LEVEL = ("recipe", "iterations", "problems", *SECTIONS)
@@ -120,7 +121,7 @@ AT_LEAST_ONE = frozenset({"batch_size", "max_length", "max_new_tokens", "dev_max
                           "max_steps", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                           "ngram", "n", "shard_size", "score_every", "rollouts", "width", "simulations", "max_depth",
                           "max_step_tokens", "attempts", "parents_per_problem", "negatives_per_problem",
-                          "pairs_per_problem", "max_operand", "max_base", "max_factor", "max_value"})
+                          "pairs_per_problem", "workers", "max_operand", "max_base", "max_factor", "max_value"})
 
 
 def _range_error(name: str, value: Any) -> str | None:

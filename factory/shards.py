@@ -8,7 +8,8 @@ the same fingerprint reads the finished shards back and computes only the
 rest; a job with another fingerprint (other params, other model) writing the
 same output has another folder, so two jobs never mix their shards, even when
 they run at once. Because shards are fixed and every row depends only on its
-own request, the resumed result is identical to an uninterrupted one.
+own request, the resumed result is identical to an uninterrupted one, and so is
+a result whose shards ran on Ray workers (`factory.executor`).
 
 Two runs of one job (same fingerprint) take turns: the job folder is locked
 (fcntl.flock on `job-<key>/lock`) while a run computes or reads its shards and
@@ -20,6 +21,7 @@ already finished and removed them.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -27,11 +29,13 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from factory.executor import ExecutorConfig, map_shards
 from factory.io import atomic_path, remove_stale, tmp_prefix, write_text
 from factory.schema import from_rows
 
@@ -121,45 +125,62 @@ def _prepare(folder: Path, fingerprint: str) -> None:
 
 def run_in_shards(
     items: Sequence[T],
-    work: Callable[[Sequence[T]], list[dict]],
+    work: Callable,
     *,
     shard_size: int,
     shard_dir: Path,
     fingerprint: str,
-    kind: str,
+    kind: str | None,
     desc: str = "shards",
+    load: Callable[[], Any] | None = None,
+    executor: ExecutorConfig | None = None,
 ) -> list[dict]:
     """Rows of `work` over `items`, shard by shard, resuming from finished shards of this job in `shard_dir`.
+
+    `work(shard)` makes a shard's rows, a table of `kind` (None: of the rows' own columns); with `load`,
+    `work(load(), shard)`: the model is loaded once per worker of `executor` (default: this process), and
+    only if a shard is left to make. Each shard is checkpointed as it comes back, whatever order the
+    workers finish in; the rows come in shard order.
 
     The job's folder stays locked by this process until `clear_shards(shard_dir)` (or the process ends),
     so no other run of the job writes or removes its shards meanwhile.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if load is None:
+        load, work = _nothing, functools.partial(_without_model, work)
     shard_dir = Path(shard_dir).absolute()
     folder = job_dir(shard_dir, fingerprint)
     _lock(folder, shard_dir)
     try:
         _prepare(folder, fingerprint)
         starts = range(0, len(items), shard_size)
-        rows: list[dict] = []
-        resumed = 0
-        for index, start in enumerate(tqdm(starts, desc=desc, unit="shard")):
-            path = folder / f"shard-{index:05d}.parquet"
-            if path.exists():
-                rows.extend(pq.read_table(path).to_pylist())
-                resumed += 1
-                continue
-            table = from_rows(work(items[start : start + shard_size]), kind, source=str(path))
-            with atomic_path(path) as tmp:
-                pq.write_table(table, tmp)
-            rows.extend(table.to_pylist())  # the same rows a resumed run reads back
+        paths = [folder / f"shard-{index:05d}.parquet" for index in range(len(starts))]
+        tables = {index: pq.read_table(path) for index, path in enumerate(paths) if path.exists()}
+        pending = [(index, items[start : start + shard_size]) for index, start in enumerate(starts)
+                   if index not in tables]
+        with tqdm(total=len(starts), initial=len(tables), desc=desc, unit="shard") as bar:
+            for index, rows in map_shards(pending, load, work, executor or ExecutorConfig()):
+                table = from_rows(rows, kind, source=str(paths[index])) if kind else pa.Table.from_pylist(rows)
+                with atomic_path(paths[index]) as tmp:
+                    pq.write_table(table, tmp)
+                tables[index] = pq.read_table(paths[index])  # the same rows a resumed run reads back
+                bar.update(1)
     except BaseException:
         _unlock(folder)  # the finished shards stay for the next run of the job
         raise
+    resumed = len(starts) - len(pending)
     if resumed:
         print(f"{desc}: resumed {resumed} of {len(starts)} shards from {folder}", flush=True)
-    return rows
+    return [row for index in range(len(starts)) for row in tables[index].to_pylist()]
+
+
+def _nothing() -> None:
+    return None
+
+
+def _without_model(work: Callable[[Sequence[T]], list[dict]], _loaded: None, shard: Sequence[T]) -> list[dict]:
+    return work(shard)
 
 
 def clear_shards(shard_dir: Path) -> None:

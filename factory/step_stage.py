@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +75,44 @@ class GeneratedRows:
     tokenizer: Any
 
 
+@dataclass(frozen=True)
+class StepShards:
+    """How a step maker runs its generation: in checkpointed shards (a killed run resumes), where params
+    `executor` says, each worker loading the sampling model once (`factory.shards.run_in_shards`)."""
+
+    inputs: StepInputs
+
+    def run(self, items: list, work: Callable, *, shard_size: int, key: Any, desc: str,
+            kind: str | None = "samples") -> list[dict]:
+        """Rows (a table of `kind`) of `work((model, tokenizer), shard)` over `items`; `key`: what else defines
+        them."""
+        from factory.executor import ExecutorConfig, worker_path
+        from factory.ids import content_hash, file_fingerprint
+        from factory.modeling import load_model
+        from factory.shards import run_in_shards, shard_dir_for
+
+        it = self.inputs
+        tables = [file_fingerprint(path) for path in (it.problems_path, it.samples_path, it.labels_path)]
+        return run_in_shards(items, work, load=partial(load_model, worker_path(it.model_dir)),
+                             executor=it.section("executor", ExecutorConfig), shard_size=shard_size,
+                             shard_dir=shard_dir_for(it.out_dir), kind=kind, desc=desc,
+                             fingerprint=content_hash(it.policy_id, tables, it.iteration, key, shard_size))
+
+
 def generate_and_label(inputs: StepInputs, make: Callable[..., list[dict]], config) -> GeneratedRows:
-    """Run a generator over the iteration's kept samples (`make(model, tokenizer, problems, kept, labels, config,
-    model_id=, iteration=)`), then label what it made against gold."""
+    """Run a generator over the iteration's kept samples (`make(shards, tokenizer, problems, kept, labels, config,
+    model_id=, iteration=)`, its work in `StepShards`), then label what it made against gold."""
     from factory.labelers import label_samples
     from factory.lineage import read_table
-    from factory.modeling import load_model
+    from factory.modeling import load_tokenizer
     from factory.params import as_dict
     from factory.schema import from_rows
 
     problems_table = read_table(inputs.problems_path, "problems")
     problems, kept = problems_table.to_pylist(), read_table(inputs.samples_path, "samples").to_pylist()
     labels = read_table(inputs.labels_path, "labels").to_pylist()
-    model, tokenizer = load_model(inputs.model_dir)
-    generated = make(model, tokenizer, problems, kept, labels, config, model_id=inputs.policy_id,
+    tokenizer = load_tokenizer(inputs.model_dir)
+    generated = make(StepShards(inputs), tokenizer, problems, kept, labels, config, model_id=inputs.policy_id,
                      iteration=inputs.iteration)
     generated_labels = label_samples(from_rows(generated, "samples"), problems_table,
                                      samples_source=str(inputs.out_dir / SAMPLES_FILE), labelers=("gold",))
@@ -121,6 +146,7 @@ def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, 
     """Write `recipe`'s step-level tables into `out` (empty ones when it has no maker); returns the summary."""
     from factory.lineage import model_id, write_table
     from factory.schema import from_rows
+    from factory.shards import clear_shards, shard_dir_for
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +166,7 @@ def run_steps(*, recipe, model_dir: str, problems_path: str, samples_path: str, 
                 inputs=inputs | {"rollouts": out_dir / SAMPLES_FILE})
     write_table(from_rows(made.nodes, "nodes"), out_dir / NODES_FILE, kind="nodes", stage="steps",
                 params=params_record, inputs={"problems": problems_path, "labels": labels_path}, model_id=mid)
+    clear_shards(shard_dir_for(out_dir))
     return {"recipe": recipe.name, "iteration": iteration} | made.summary
 
 

@@ -80,6 +80,7 @@ class Iteration:
     self_train: SelfTrainConfig
     orpo_config: Any
     pair_rule: str | None = None  # the rule whose pairs the recipe trains on
+    executor: Any = None  # where the second round's shards run (params `executor`; None: this process)
 
     def start(self) -> dict:
         """The summary's head; the work folder is a stage output for every recipe (empty for most)."""
@@ -154,7 +155,8 @@ def second_round(it: Iteration, model_dir: str | Path, summary: dict, *, pool_fi
     first_round = (it.samples_path, it.labels_path) if pool_first_round else None
     counts, kept, labels = _second_round(model_dir=Path(model_dir), problems_path=it.problems_path, work=it.work,
                                          sampling=it.sampling, self_train=it.self_train, iteration=it.iteration,
-                                         first_round=first_round, filter_config=it.filter_config)
+                                         first_round=first_round, filter_config=it.filter_config,
+                                         executor=it.executor)
     examples = self_training_examples(it.problems(), kept, labels)
     summary["second_round"] = {**counts, "sampled_from": model_id(model_dir),
                                "correct_kept": sum(e["sample_id"] is not None for e in examples)}
@@ -230,8 +232,8 @@ def self_training_examples(problems: list[dict], kept: list[dict], labels: list[
 
 
 def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, self_train: SelfTrainConfig,
-                  iteration: int, first_round: tuple[str, str] | None,
-                  filter_config) -> tuple[dict, list[dict], list[dict]]:
+                  iteration: int, first_round: tuple[str, str] | None, filter_config,
+                  executor=None) -> tuple[dict, list[dict], list[dict]]:
     """Sample, label and filter the self-training round under `work`: (counts, kept rows, label rows).
 
     With `first_round` (samples, labels paths), those rows join the new ones
@@ -246,7 +248,8 @@ def _second_round(*, model_dir: Path, problems_path: str, work: Path, sampling, 
     samples_path, labels_path = work / "samples.parquet", work / "labels.parquet"
     # Shards live beside `work`, not in it: DVC clears a stage's outputs before re-running it.
     sample_to_file(model_dir=str(model_dir), problems_path=problems_path, out=str(samples_path), config=config,
-                   iteration=iteration, shard_dir=shard_dir_for(work.with_name(work.name + "-samples")))
+                   iteration=iteration, shard_dir=shard_dir_for(work.with_name(work.name + "-samples")),
+                   executor=executor)
     problems = read_table(problems_path, "problems")
     samples = read_table(samples_path, "samples")
     labels = label_samples(samples, problems, samples_source=str(samples_path))

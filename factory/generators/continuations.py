@@ -22,11 +22,12 @@ same in any batch and on any run.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 
 import pyarrow as pa
 
-from factory.generators.decoding import DecodingConfig, StepTemperature, generate
+from factory.generators.decoding import DecodingConfig, StepTemperature, batch_order, generate
 from factory.ids import content_hash, content_id
 from factory.labelers.gold import gold_labels
 from factory.modeling import format_prompt
@@ -39,6 +40,8 @@ __all__ = [
     "continuation_seed",
     "label_rows",
     "mc_rollouts",
+    "negatives_in_shards",
+    "rollouts_in_shards",
     "prefix_text",
     "step_controlled_negatives",
 ]
@@ -72,6 +75,7 @@ class StepsConfig:
     top_p: float = 1.0
     calculator: bool = True
     batch_size: int = 64
+    shard_size: int = 32  # problems per checkpointed shard of SCDPO continuations (rollouts: one batch each)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,7 +92,7 @@ class StepsConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         for name in ("attempts", "parents_per_problem", "negatives_per_problem", "rollouts", "max_new_tokens",
-                     "batch_size"):
+                     "batch_size", "shard_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         if not isinstance(self.seed, int):
@@ -314,20 +318,36 @@ def mc_rollouts(
     call. The last step needs none: its score is the sample's own
     correctness. Rows: sample, then p, then sample_index m.
     """
+    return rollout_rows((model, tokenizer), rollout_requests(problems, samples, labels, config), config=config,
+                        model_id=model_id, iteration=iteration, show_progress=show_progress)
+
+
+def rollout_requests(problems, samples, labels, config: StepsConfig) -> list[tuple[dict, dict, int, int, str]]:
+    """(problem, sample, p, m, prefix) of every rollout `mc_rollouts` makes, in its row order."""
     problems_by_id = _problems_by_id(problems)
-    chosen = choose_rollout_samples(samples, labels, config, problems_by_id.values())
     requests = []
-    for sample in chosen:
+    for sample in choose_rollout_samples(samples, labels, config, problems_by_id.values()):
         problem = _problem_of(sample, problems_by_id)
         n_steps = len(split_steps(sample["text"], config.delimiter))
         for p in range(1, n_steps):
             prefix = prefix_text(sample["text"], p, config.delimiter)
             for m in range(config.rollouts):
                 requests.append((problem, sample, p, m, prefix))
-    prompts = [format_prompt(tokenizer, problem["question"]) + prefix for problem, _, _, _, prefix in requests]
+    return requests
+
+
+def _rollout_prompt(tokenizer, request: tuple) -> str:
+    problem, _, _, _, prefix = request
+    return format_prompt(tokenizer, problem["question"]) + prefix
+
+
+def rollout_rows(loaded, requests: list[tuple], *, config: StepsConfig, model_id: str, iteration: int,
+                 show_progress: bool = False) -> list[dict]:
+    """The rows of `requests` (from `rollout_requests`), decoded with the (model, tokenizer) `loaded`."""
+    model, tokenizer = loaded
     seeds = [continuation_seed(config.seed, sample["sample_id"], p, m) for _, sample, p, m, _ in requests]
-    completions = generate(model, tokenizer, prompts, seeds, config.decoding(config.rollout_temperature),
-                           desc="rollouts", show_progress=show_progress)
+    completions = generate(model, tokenizer, [_rollout_prompt(tokenizer, r) for r in requests], seeds,
+                           config.decoding(config.rollout_temperature), desc="rollouts", show_progress=show_progress)
     params = config.rollout_params()
     return [
         _continuation_row(
@@ -337,6 +357,48 @@ def mc_rollouts(
         )
         for (problem, sample, p, m, prefix), completion in zip(requests, completions)
     ]
+
+
+def rollouts_in_shards(shards, tokenizer, problems, samples, labels, config: StepsConfig, *, model_id: str,
+                       iteration: int) -> list[dict]:
+    """`mc_rollouts`'s rows, one decoder batch per shard (`batch_order`: the very batches of its one `generate`
+    call), run by `shards` (`factory.step_stage.StepShards`: checkpointed, where params `executor` says)."""
+    requests = rollout_requests(problems, samples, labels, config)
+    order = batch_order(tokenizer, [_rollout_prompt(tokenizer, r) for r in requests])
+    rows = shards.run([requests[i] for i in order],
+                      partial(rollout_rows, config=config, model_id=model_id, iteration=iteration),
+                      shard_size=config.batch_size, key=("rollouts", asdict(config)), desc="rollouts")
+    in_order: list[dict] = [{}] * len(rows)
+    for position, row in zip(order, rows):
+        in_order[position] = row
+    return in_order
+
+
+def negatives_in_shards(shards, tokenizer, problems, samples, labels, config: StepsConfig, *, model_id: str,
+                        iteration: int) -> list[dict]:
+    """`step_controlled_negatives` over shards of `shard_size` problems, run by `shards` (`StepShards`).
+
+    A problem's retries depend only on its own continuations, so its rows are the same in any shard up to
+    the float rounding of its batches; the shard cut, not where a shard runs, fixes those. Rows come in
+    `step_controlled_negatives`' order: round, then problem, parent, cut.
+    """
+    labels_by_id = _labels_by_id(labels)
+    by_problem: dict[str, list[dict]] = {}
+    for sample in _rows(samples):
+        by_problem.setdefault(sample["problem_id"], []).append(sample)
+    items = [(problem, group, [labels_by_id[s["sample_id"]] for s in group if s["sample_id"] in labels_by_id])
+             for problem in _rows(problems) if (group := by_problem.get(problem["problem_id"]))]
+    rows = shards.run(items, partial(_negatives_shard, config=config, model_id=model_id, iteration=iteration),
+                      shard_size=config.shard_size, key=("step_controlled", asdict(config)), desc="step-controlled")
+    return sorted(rows, key=lambda row: row["sample_index"])  # stable: each round's rows stay in problem order
+
+
+def _negatives_shard(loaded, items: list[tuple], *, config: StepsConfig, model_id: str, iteration: int) -> list[dict]:
+    model, tokenizer = loaded
+    return step_controlled_negatives(
+        model, tokenizer, [problem for problem, _, _ in items], [s for _, group, _ in items for s in group],
+        [label for _, _, group in items for label in group], config, model_id=model_id, iteration=iteration,
+        show_progress=False)
 
 
 def label_rows(rows, problems) -> list[dict]:

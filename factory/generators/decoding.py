@@ -479,6 +479,19 @@ def _decode_batch(
     return completions
 
 
+def batch_order(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[int]:
+    """The order `generate` decodes `prompts` in (longest first, then input order).
+
+    Cut in this order into shards of `batch_size`, each shard is one batch of a single `generate` call over
+    all the prompts: decoding shard by shard, in any process, gives that call's completions exactly.
+    """
+    return _batch_order([tokenizer.encode(p, add_special_tokens=False) for p in prompts])
+
+
+def _batch_order(encoded: list[list[int]]) -> list[int]:
+    return sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -511,7 +524,7 @@ def generate(
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     eos_ids.discard(None)  # the chat template's end of turn stops a row too (Qwen: `<|im_end|>` beside EOS)
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    order = _batch_order(encoded)
     results: list[Completion | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()

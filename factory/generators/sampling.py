@@ -10,14 +10,16 @@ the backend ("hf" or "vllm"): the two draw different noise from the same seed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
+from factory.executor import ExecutorConfig, worker_path
 from factory.generators import vllm_backend
 from factory.generators.decoding import DecodingConfig, generate
 from factory.ids import content_hash, content_id, file_fingerprint
 from factory.lineage import model_id as model_id_of
 from factory.lineage import read_table, write_table
-from factory.modeling import format_prompt, load_model
+from factory.modeling import check_model, format_prompt, load_model
 from factory.schema import from_rows
 from factory.shards import clear_shards, run_in_shards, shard_dir_for
 
@@ -126,15 +128,30 @@ def problems_to_sample(problems: list[dict], config: SamplingConfig, *, source: 
     return chosen
 
 
+def load_sampler(model_dir: str, config: SamplingConfig):
+    """The model and tokenizer `sample_rationales` decodes with: the HF model, or a vLLM engine."""
+    if config.backend == "vllm":
+        return vllm_backend.load_engine(model_dir, seed=config.seed)
+    return load_model(model_dir)
+
+
+def sample_shard(loaded, shard: list[dict], *, config: SamplingConfig, model_id: str, iteration: int) -> list[dict]:
+    """One shard's `samples` rows, from the (model, tokenizer) of `load_sampler`: what a worker runs."""
+    model, tokenizer = loaded
+    return sample_rationales(model, tokenizer, shard, config, model_id=model_id, iteration=iteration,
+                             show_progress=False)
+
+
 def sample_to_file(
     *, model_dir: str, problems_path: str, out: str, config: SamplingConfig, iteration: int,
-    shard_dir: Path | None = None,
+    shard_dir: Path | None = None, executor: ExecutorConfig | None = None,
 ) -> int:
     """The `sample` stage: N rationales per problem of `config.split`, checkpointed in shards.
 
     Killed and restarted with the same inputs and params, it resumes from the
     finished shards and writes exactly the bytes an uninterrupted run writes.
-    Shards go to `shard_dir` (default: beside `out`). Returns the number of rows written.
+    Shards go to `shard_dir` (default: beside `out`) and run where `executor`
+    says (default: this process), which changes no byte. Returns the number of rows written.
     """
     check_backend(config)
     problems = problems_to_sample(read_table(problems_path, "problems").to_pylist(), config, source=problems_path)
@@ -142,20 +159,12 @@ def sample_to_file(
     # Batch and shard sizes change no row; the shard size still keys the checkpoints it cut.
     params = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "shard_size")}
     fingerprint = content_hash(mid, file_fingerprint(problems_path), params, iteration, config.shard_size)
-    if config.backend == "vllm":
-        model, tokenizer = vllm_backend.load_engine(model_dir, seed=config.seed)
-    else:
-        model, tokenizer = load_model(model_dir)
-
-    def work(shard: list[dict]) -> list[dict]:
-        return sample_rationales(
-            model, tokenizer, shard, config, model_id=mid, iteration=iteration, show_progress=False
-        )
-
+    check_model(model_dir)  # the workers load it: a model that is not there fails before any shard starts
     shard_dir = shard_dir or shard_dir_for(out)
     rows = run_in_shards(
-        problems, work, shard_size=config.shard_size, shard_dir=shard_dir,
-        fingerprint=fingerprint, kind="samples", desc="sample",
+        problems, partial(sample_shard, config=config, model_id=mid, iteration=iteration),
+        load=partial(load_sampler, worker_path(model_dir), config), executor=executor,
+        shard_size=config.shard_size, shard_dir=shard_dir, fingerprint=fingerprint, kind="samples", desc="sample",
     )
     write_table(
         from_rows(rows, "samples", source=out), out, kind="samples", stage="sample", params=params,

@@ -37,6 +37,7 @@ for every node of the tree, not only below the current root.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -45,8 +46,8 @@ from factory.ids import content_hash, content_id
 from factory.labelers.gold import gold_labels
 from factory.modeling import format_prompt
 
-__all__ = ["MCTSConfig", "Node", "backup", "commit", "commit_path", "expand", "exhausted", "path_text", "priors", "puct_score",
-           "rebuild", "select_leaf", "tree_search"]
+__all__ = ["MCTSConfig", "Node", "backup", "commit", "commit_path", "expand", "exhausted", "merge_searches",
+           "path_text", "priors", "puct_score", "rebuild", "search_shard", "select_leaf", "tree_search"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,13 +70,14 @@ class MCTSConfig:
     max_step_tokens: int = 96  # a step longer than this ends its path ("length")
     calculator: bool = True
     batch_size: int = 64
+    shard_size: int = 64  # trees per checkpointed shard: a shard's trees advance together, shards side by side
     seed: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"mcts.{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("width", "simulations", "max_depth", "max_step_tokens", "batch_size"):
+        for name in ("width", "simulations", "max_depth", "max_step_tokens", "batch_size", "shard_size"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
@@ -383,6 +385,26 @@ def tree_search(model, tokenizer, problems: list[dict], config: MCTSConfig, *, m
                "committed_correct": sum(leaf.outcome == 1 for leaf in finals),
                "committed_unfinished": sum(not leaf.terminal for leaf in finals)}
     return rows, summary
+
+
+def search_shard(loaded, problems: list[dict], *, config: MCTSConfig, model_id: str, iteration: int) -> list[dict]:
+    """One shard's trees (`tree_search` with the (model, tokenizer) `loaded`) as one row: its `nodes` rows and its
+    summary, as JSON (exact for every value they hold). What a worker runs."""
+    model, tokenizer = loaded
+    rows, summary = tree_search(model, tokenizer, problems, config, model_id=model_id, iteration=iteration,
+                                show_progress=False)
+    return [{"nodes": json.dumps(rows), "summary": json.dumps(summary)}]
+
+
+def merge_searches(shards: list[dict]) -> tuple[list[dict], dict]:
+    """The `nodes` rows and summary of all `search_shard` rows: rows in shard order, counts added up, `rounds`
+    the most any shard ran (shards search side by side)."""
+    rows = [row for shard in shards for row in json.loads(shard["nodes"])]
+    summaries = [json.loads(shard["summary"]) for shard in shards]
+    if not summaries:
+        return rows, tree_search(None, None, [], MCTSConfig(), model_id="", iteration=0, show_progress=False)[1]
+    return rows, {key: max(s[key] for s in summaries) if key == "rounds" else sum(s[key] for s in summaries)
+                  for key in summaries[0]}
 
 
 def _expand_and_evaluate(model, tokenizer, leaves: list[tuple[_Tree, Node]], config: MCTSConfig, decoding,

@@ -70,29 +70,35 @@ def make_steps(inputs):
     from factory.step_stage import StepTables
 
     config = inputs.section("mcts", MCTSConfig)
-    nodes, search = _search(model_dir=inputs.model_dir, policy_id=inputs.policy_id,
-                            problems_path=inputs.problems_path, labels_path=inputs.labels_path,
-                            iteration=inputs.iteration, config=config)
+    nodes, search = _search(inputs, config)
     summary = {"search": search, "generated": {"rows": len(nodes), "tokens": search["generated_tokens"],
                                                "correct": search["correct_terminal_nodes"],
                                                "parents": search["expansions"]}}
     return StepTables(nodes=nodes, params={"mcts": as_dict(config)}, summary=summary)
 
 
-def _search(*, model_dir: str, policy_id: str, problems_path: str, labels_path: str, iteration: int,
-            config) -> tuple[list, dict]:
-    """MCTS-DPO's trees: one per problem the iteration sampled, the first `config.problems` with a gold answer."""
-    from factory.generators.tree import tree_search
-    from factory.lineage import read_table
-    from factory.modeling import load_model
+def _search(inputs, config) -> tuple[list, dict]:
+    """MCTS-DPO's trees: one per problem the iteration sampled, the first `config.problems` with a gold answer.
 
-    sampled = set(read_table(labels_path, "labels").column("problem_id").to_pylist())
-    problems = [p for p in read_table(problems_path, "problems").to_pylist()
+    The problems are cut into shards of `config.shard_size` trees, run where params `executor` says
+    (`StepShards`): a shard's trees advance together, in one worker.
+    """
+    from dataclasses import asdict
+    from functools import partial
+
+    from factory.generators.tree import merge_searches, search_shard
+    from factory.lineage import read_table
+    from factory.step_stage import StepShards
+
+    sampled = set(read_table(inputs.labels_path, "labels").column("problem_id").to_pylist())
+    problems = [p for p in read_table(inputs.problems_path, "problems").to_pylist()
                 if p["problem_id"] in sampled and p["gold_answer"] is not None]
     if config.problems:
         problems = problems[: config.problems]
-    model, tokenizer = load_model(model_dir)
-    return tree_search(model, tokenizer, problems, config, model_id=policy_id, iteration=iteration)
+    shards = StepShards(inputs).run(
+        problems, partial(search_shard, config=config, model_id=inputs.policy_id, iteration=inputs.iteration),
+        shard_size=config.shard_size, key=("mcts", asdict(config)), desc="tree search", kind=None)
+    return merge_searches(shards)
 
 
 def mcts_dpo_pairs(problems: list[dict], samples: list[dict], labels: list[dict], *, prompt_for: Callable[[str], str],

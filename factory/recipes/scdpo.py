@@ -42,10 +42,10 @@ class ScDPOPairs(PairsConfig):
 
 def make_steps(inputs):
     """Step-controlled continuations of the correct kept samples, labelled against gold."""
-    from factory.generators.continuations import StepsConfig, step_controlled_negatives
+    from factory.generators.continuations import StepsConfig, negatives_in_shards
     from factory.step_stage import generate_and_label
 
-    return generate_and_label(inputs, step_controlled_negatives, inputs.section("steps", StepsConfig)).tables
+    return generate_and_label(inputs, negatives_in_shards, inputs.section("steps", StepsConfig)).tables
 
 
 STEP_CONTROLLED = "step_controlled"  # the generator of SCDPO's continuations (factory.generators.continuations)

@@ -55,13 +55,13 @@ class SIPFPairs(PairsConfig):
 
 def make_steps(inputs):
     """Rollouts from every step prefix, their step scores, a PRM trained on them and its scores of every sample."""
-    from factory.generators.continuations import StepsConfig, mc_rollouts
+    from factory.generators.continuations import StepsConfig, rollouts_in_shards
     from factory.params import as_dict
     from factory.step_stage import generate_and_label, write_generated
     from train.prm import PRMConfig
 
     steps_config, prm_config = inputs.section("steps", StepsConfig), inputs.section("prm", PRMConfig)
-    made = generate_and_label(inputs, mc_rollouts, steps_config)
+    made = generate_and_label(inputs, rollouts_in_shards, steps_config)
     tables = made.tables
     tables.params["prm"] = as_dict(prm_config)
     # The PRM's lineage fingerprints the rollouts it learns from: they are written before it trains.
