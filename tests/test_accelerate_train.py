@@ -10,11 +10,14 @@ effective batch is N times `batch_size`.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -63,14 +66,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], *, processes: int = 2, **env) -> str:
-    """`accelerate launch` of `factory ARGV` on `processes` CPU processes; its output (stdout and stderr)."""
+def launch_command(argv: list[str], **env) -> tuple[list[str], dict]:
+    """The command and environment that run `factory ARGV` as 2 CPU processes under `accelerate launch`."""
     if not ACCELERATE.exists():
         pytest.skip("accelerate's launcher is not installed beside this Python")
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "factory.cli", *argv]
-    variables = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **env}
+    return command, {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **env}
+
+
+def launch(argv: list[str], **env) -> str:
+    """Run `factory ARGV` as 2 CPU processes under `accelerate launch`; its output (stdout and stderr)."""
+    command, variables = launch_command(argv, **env)
     done = subprocess.run(command, env=variables, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -124,17 +132,36 @@ def test_dpo_st_on_two_processes_trains_dpo_samples_once_then_sfts(project):
     assert_nothing_left(project, "st")
 
 
-def test_dpo_on_two_processes_checkpointing_at_every_step_ends_with_the_same_weights(project):
-    def dpo(out: str, **env):
-        return launch(["dpo", "--pairs", p(project, "pairs.parquet"), "--model", p(project, "prev"),
-                       "--out", p(project, out), "--params", p(project, "params.yaml")], **env)
+def test_dpo_on_two_processes_killed_after_a_checkpoint_resumes_to_the_same_weights(project):
+    """Every process resumes from the checkpoint the main process picks, with its own RNG and unlogged loss."""
+    params = project / "params_dpo.yaml"
+    params.write_text(yaml.safe_dump({**PARAMS, "dpo": {**PARAMS["dpo"], "epochs": 3}}))
 
-    dpo("dpo")
-    dpo("dpo_checkpointed", FACTORY_CHECKPOINT_SECONDS="0")
-    assert assert_model(project / "dpo", "dpo")["metrics"]["steps"] >= 2  # a checkpoint was saved between steps
-    assert (project / "dpo_checkpointed" / "model.safetensors").read_bytes() == \
+    def dpo_argv(out: str) -> list[str]:
+        return ["dpo", "--pairs", p(project, "pairs.parquet"), "--model", p(project, "prev"), "--out", p(project, out),
+                "--params", str(params)]
+
+    launch(dpo_argv("dpo"))
+    assert assert_model(project / "dpo", "dpo")["metrics"]["steps"] >= 4
+    command, variables = launch_command(dpo_argv("resumed"), FACTORY_CHECKPOINT_SECONDS="0")
+    process = subprocess.Popen(command, env=variables, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(project.glob(".resumed.checkpoints/*/checkpoint-*/checkpoint-complete.json")):
+            assert process.poll() is None, f"finished before it could be killed:\n{process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        # torchrun starts each process in a session of its own: kill them and the launcher one by one.
+        for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            member.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(30)
+    assert not (project / "resumed").exists()
+    assert "resuming from" in launch(dpo_argv("resumed"), FACTORY_CHECKPOINT_SECONDS="0")
+    assert (project / "resumed" / "model.safetensors").read_bytes() == \
         (project / "dpo" / "model.safetensors").read_bytes()
-    assert_nothing_left(project, "dpo")
+    assert_nothing_left(project, "dpo", "resumed")
 
 
 def test_orpo_on_two_processes(project):
