@@ -2,6 +2,11 @@
 
 Heavy libraries (torch, transformers, trl) are imported inside the commands
 that need them, so `factory --help` and the table commands start fast.
+
+The training commands (`TRAINING_COMMANDS`) also run as N processes under
+`accelerate launch` or torchrun, one per GPU: they train together, and the
+main process alone writes the files. Any other command so launched runs once,
+on rank 0 as a plain process (`_run_here`).
 """
 
 from __future__ import annotations
@@ -162,11 +167,14 @@ def cmd_warmup(args) -> None:
     from factory.io import write_json
     from factory.lineage import model_id, read_table, write_model_lineage
     from factory.params import as_dict, section
+    from train.common import is_main_process
     from train.sft import WarmupConfig, main
 
     config = section(_params(args), "warmup", WarmupConfig, path=args.params)
     problems = read_table(args.problems, "problems").to_pylist()
     summary = main(problems=problems, base_dir=args.base, out_dir=args.out, config=config)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the rest
+        return
     record = write_model_lineage(
         args.out, stage="warmup", parent=model_id(args.base), data={"problems": args.problems},
         params={"warmup": as_dict(config)},
@@ -190,6 +198,7 @@ def cmd_train(args) -> None:
     from factory.generators.sampling import SamplingConfig, check_backend
     from factory.io import write_json
     from factory.params import section
+    from train.common import is_main_process
     from train.dpo import DPOTrainConfig
     from train.iteration import Iteration, SelfTrainConfig
     from train.orpo import ORPORunConfig
@@ -210,6 +219,8 @@ def cmd_train(args) -> None:
         pair_rule=recipe.pairs.name if recipe.pairs else None,
         executor=section(params, "executor", ExecutorConfig, path=args.params))
     summary = recipe.train(iteration)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the rest
+        return
     if args.summary:
         write_json(args.summary, summary)
     if sft := summary.get("sft"):
@@ -241,12 +252,15 @@ def cmd_dpo(args) -> None:
     """
     from factory.lineage import model_id, read_table, write_model_lineage
     from factory.params import as_dict, section
+    from train.common import is_main_process
     from train.dpo import DPOTrainConfig, main
 
     config = section(_params(args), "dpo", DPOTrainConfig, path=args.params)
     pairs = read_table(args.pairs, "pairs").to_pylist()
     parent = model_id(args.model)
     summary = main(pairs=pairs, model_dir=args.model, out_dir=args.out, config=config)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the rest
+        return
     metrics = {k: summary[k] for k in ("train_loss", "reward_accuracy", "reward_margin", "pairs", "steps")}
     record = write_model_lineage(args.out, stage="dpo", parent=parent, data={"pairs": args.pairs},
                                  params={"dpo": as_dict(config)}, metrics=metrics)
@@ -857,8 +871,29 @@ def error_line(error: BaseException, out: str | None = None) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+TRAINING_COMMANDS = ("warmup", "dpo", "train")  # those that train as N processes under `accelerate launch`
+_LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _run_here(command: str) -> bool:
+    """Whether this process runs `command`: always, but under a multi-process launch a command that does not
+    train (sampling, the PRM's own loop in `steps`, tables) runs on rank 0 alone, as a plain process, and the
+    other ranks leave at once: N copies would only write the same files over each other."""
+    if command in TRAINING_COMMANDS or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if os.environ.get("RANK", "0") != "0":
+        print(f"factory {command}: does not train; rank 0 runs it alone", file=sys.stderr)
+        return False
+    for name in _LAUNCH_VARIABLES:
+        os.environ.pop(name, None)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not _run_here(args.command):
+        return 0
     try:
         args.func(args)
     except Exception as error:

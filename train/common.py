@@ -1,4 +1,5 @@
-"""What every trainer shares: CPU-safe TRL settings, the LoRA option, atomic model saving and checkpoints."""
+"""What every trainer shares: CPU-safe TRL settings, the LoRA option, atomic model saving, checkpoints, and
+what keeps a run under `accelerate launch` (N processes, one per GPU) writing each file once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,86 @@ def preference_settings(config, *, output_dir: str, steps_per_epoch: int) -> dic
             **cpu_safe_settings()}
 
 
+# Under `accelerate launch` or torchrun every process runs the whole command. The main process alone samples a
+# second round and scores dev accuracy while the others wait in a collective, which would give up after torch's
+# default 30 minutes; this is how long they wait instead.
+DISTRIBUTED_TIMEOUT_SECONDS = 12 * 3600
+
+
+def distributed() -> bool:
+    """Whether this process is one of several that `accelerate launch` or torchrun started (WORLD_SIZE > 1).
+
+    A plain run never touches accelerate's process state here: its path, and so its bytes, stay as they were.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _process_state():
+    """accelerate's process state, set up as Trainer sets it up (gloo on CPUs), with the long timeout."""
+    import datetime
+
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(),
+                        timeout=datetime.timedelta(seconds=DISTRIBUTED_TIMEOUT_SECONDS))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files (a plain run's one process; rank 0 of a distributed one)."""
+    return not distributed() or _process_state().is_main_process
+
+
+def process_index() -> int:
+    return _process_state().process_index if distributed() else 0
+
+
+def wait_for_everyone() -> None:
+    if distributed():
+        _process_state().wait_for_everyone()
+
+
+def shared_dataset(dataset, folder: Path):
+    """`dataset` (in memory) saved by the main process into `folder` and read back by every process.
+
+    What TRL maps over an in-memory dataset is cached in each process's own temp folder, under a random name, so
+    the reference log-probs that DPOTrainer's main process precomputes and caches would be found by no other;
+    over a dataset in one folder, the cache files are named by their fingerprint, beside it, for all to read.
+    """
+    from datasets import load_from_disk
+
+    def save():
+        shutil.rmtree(folder, ignore_errors=True)  # a killed run's
+        dataset.save_to_disk(str(folder))
+
+    on_main_process(save)
+    return load_from_disk(str(folder))
+
+
+def on_main_process(work: Callable[[], Any]) -> Any:
+    """`work()` run by the main process alone, its result handed to every process, the others waiting for it.
+
+    For what writes files (models, lineage, tables) and what every process must agree on (dev accuracy, when to
+    checkpoint). Every process must call it at the same point. An error in `work` is raised in every process, so
+    none waits for ever.
+    """
+    if not distributed():
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    result: list = [None]
+    if _process_state().is_main_process:
+        try:
+            result = [(True, work())]
+        except Exception as error:  # handed to the others, then raised here too
+            result = [(False, error)]
+    broadcast_object_list(result)
+    done, value = result[0]
+    if not done:
+        raise value
+    return value
+
+
 def cpu_safe_settings() -> dict:
     """TrainingArguments that keep TRL fast and quiet on a CPU (its defaults assume a bf16 GPU).
 
@@ -129,6 +211,7 @@ def cpu_safe_settings() -> dict:
         "report_to": "none",
         "save_strategy": "no",
         "dataloader_num_workers": 0,
+        "ddp_timeout": DISTRIBUTED_TIMEOUT_SECONDS,  # a distributed run only: see DISTRIBUTED_TIMEOUT_SECONDS
     }
 
 
@@ -174,6 +257,11 @@ DEFAULT_CHECKPOINT_SECONDS = 600.0
 _COMPLETE = "checkpoint-complete.json"  # written last, atomically: a checkpoint folder without it is partial
 _EXTRA = "factory-state.pt"
 _FINISHED = "finished.json"  # the finished model a run left in place (`Checkpoints.mark_finished`)
+
+
+def _extra_file() -> str:
+    """This process's file of what Trainer's checkpoint lacks: one per process in a distributed run."""
+    return f"factory-state-{process_index()}.pt" if distributed() else _EXTRA
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -232,6 +320,9 @@ class Checkpoints:
 
     Resuming gives the same final weights, bit for bit on a CPU: data order, dropout and every other RNG are
     restored by Trainer (seeded sampler per epoch, RNG states), the optimizer and schedule by their states.
+
+    Under `accelerate launch` the main process decides when to save and which checkpoint to resume, for all;
+    each process saves its own unlogged loss (`factory-state-RANK.pt`), and the marker follows them all.
     """
 
     def __init__(self, out_dir: str | Path, fingerprint: str, *, at_epoch_end: bool = False,
@@ -266,7 +357,7 @@ class Checkpoints:
     def train(self, trainer):
         """`trainer.train()`, resumed from the last complete checkpoint of this run if there is one."""
         self.trainer = trainer
-        checkpoint = self.last()
+        checkpoint = on_main_process(self.last)  # removes partial ones: once, and every process resumes the same
         if checkpoint is not None:
             self.resumed_from = checkpoint
             print(f"resuming from {checkpoint}", flush=True)
@@ -313,7 +404,8 @@ class Checkpoints:
             def _due(self, state, control) -> bool:
                 if owner.interval is None or control.should_training_stop or state.global_step >= state.max_steps:
                     return False
-                return time.monotonic() - self.last_save >= owner.interval
+                # The main process's clock decides: every process saves, or none.
+                return on_main_process(lambda: time.monotonic() - self.last_save >= owner.interval)
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.last_save = time.monotonic()
@@ -347,17 +439,22 @@ class Checkpoints:
         extra = {"tr_loss": trainer._tr_loss.detach().clone(), "total_loss_scalar": trainer._total_loss_scalar,
                  "globalstep_last_logged": trainer._globalstep_last_logged,
                  "caller": self.get_state() if self.get_state else None}
-        with atomic_path(checkpoint / _EXTRA) as tmp:
+        with atomic_path(checkpoint / _extra_file()) as tmp:
             torch.save(extra, tmp)
-        write_text(checkpoint / _COMPLETE, json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        for older in self.folder.glob("checkpoint-*"):
-            if older != checkpoint:
-                shutil.rmtree(older, ignore_errors=True)
+        wait_for_everyone()  # every process's state is in before the marker says the checkpoint is complete
+
+        def mark_complete():
+            write_text(checkpoint / _COMPLETE, json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            for older in self.folder.glob("checkpoint-*"):
+                if older != checkpoint:
+                    shutil.rmtree(older, ignore_errors=True)
+
+        on_main_process(mark_complete)
 
     def _restore(self, checkpoint: Path) -> None:
         import torch
 
-        extra = torch.load(checkpoint / _EXTRA, weights_only=False)
+        extra = torch.load(checkpoint / _extra_file(), weights_only=False)
         trainer = self.trainer
         trainer._tr_loss = extra["tr_loss"].to(trainer._tr_loss.device)
         trainer._total_loss_scalar = extra["total_loss_scalar"]

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
 from train.common import (Checkpoints, LoRASettings, digest, frozen_base_dtype, is_lora, last_epoch_mean,
-                          preference_settings, run_fingerprint, save_model_atomically)
+                          distributed, on_main_process, preference_settings, run_fingerprint,
+                          save_model_atomically, shared_dataset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +226,8 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     if keep_finished and (finished := checkpoints.finished(out_dir)) is not None:
         print(f"DPO: {out_dir} is this run's finished model; not trained again", flush=True)
         return finished
+    if distributed():  # TRL caches the precomputed reference log-probs beside the dataset, for every process
+        dataset = shared_dataset(dataset, Path(checkpoints.output_dir()) / "pairs")
     args = DPOConfig(
         **preference_settings(config, output_dir=checkpoints.output_dir(), steps_per_epoch=steps_per_epoch),
         loss_type=["sigmoid"],  # replaced by weighted_dpo_nll_loss
@@ -237,7 +240,6 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     started = time.monotonic()
     checkpoints.train(trainer)
     seconds = time.monotonic() - started
-    save_model_atomically(trainer.model, tokenizer, out_dir)  # LoRA: merged into the weights
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step
@@ -251,7 +253,12 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
         "log_history": history,
         "config": asdict(config),
     }
-    checkpoints.clear()
-    if keep_finished:
-        checkpoints.mark_finished(out_dir, summary)
+
+    def save():
+        save_model_atomically(trainer.model, tokenizer, out_dir)  # LoRA: merged into the weights
+        checkpoints.clear()
+        if keep_finished:
+            checkpoints.mark_finished(out_dir, summary)
+
+    on_main_process(save)  # under `accelerate launch`: once, and the other processes wait for the model
     return summary

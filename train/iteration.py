@@ -20,6 +20,11 @@ The recipe (params `recipe`) owns the composition (`factory.recipes`, its
 Every table a block makes (second-round samples, labels, kept, dropped) is
 written under `--work`, so each training example traces to its sample row;
 every model gets its lineage record.
+
+Under `accelerate launch` every process runs the recipe: the trainers train
+together, and what writes files (lineage, the second round, moving the DPO
+model) runs on the main process alone, handing its result to the others
+(`train.common.on_main_process`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import pyarrow as pa
 
 from factory.lineage import model_id, read_table, write_model_lineage, write_table
 from factory.params import as_dict
-from train.common import outcome
+from train.common import on_main_process, outcome
 from train.sft import SFTRunConfig, dev_problems, gold_examples, train_sft
 
 # The second round of sampling draws its noise from another stream than `sample@k`
@@ -107,8 +112,11 @@ def _keep_previous(it: Iteration, what: str) -> None:
     from factory.modeling import load_model
     from train.common import save_model_atomically
 
-    print(f"train: no pairs in {what}; {it.recipe} keeps the previous model", flush=True)
-    save_model_atomically(*load_model(it.prev_dir), it.out)
+    def keep():
+        print(f"train: no pairs in {what}; {it.recipe} keeps the previous model", flush=True)
+        save_model_atomically(*load_model(it.prev_dir), it.out)
+
+    on_main_process(keep)
 
 
 def dpo_model(it: Iteration, pairs: list[dict], summary: dict) -> dict:
@@ -122,9 +130,9 @@ def dpo_model(it: Iteration, pairs: list[dict], summary: dict) -> dict:
             "mean_weight": round(sum(p["weight"] for p in pairs) / len(pairs), 4)}
     else:
         _keep_previous(it, it.pairs_path)
-    record = write_model_lineage(it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"],
-                                 data={"pairs": it.pairs_path},
-                                 params={"recipe": it.recipe, "dpo": as_dict(it.dpo_config)}, metrics=metrics)
+    record = on_main_process(lambda: write_model_lineage(
+        it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"], data={"pairs": it.pairs_path},
+        params={"recipe": it.recipe, "dpo": as_dict(it.dpo_config)}, metrics=metrics))
     return summary | {"dpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
 
 
@@ -140,8 +148,9 @@ def dpo_beside(it: Iteration, pairs: list[dict], summary: dict) -> Path | None:
     # keep_finished: a rerun of the stage killed after this DPO (second round, SFT) does not train it again.
     dpo = dpo_main(pairs=pairs, model_dir=it.prev_dir, out_dir=dpo_dir, config=it.dpo_config, keep_finished=True)
     metrics = {k: dpo[k] for k in DPO_METRICS}
-    record = write_model_lineage(dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": it.pairs_path},
-                                 params={"dpo": as_dict(it.dpo_config)}, metrics=metrics)
+    record = on_main_process(lambda: write_model_lineage(
+        dpo_dir, stage="dpo", parent=summary["prev_model"], data={"pairs": it.pairs_path},
+        params={"dpo": as_dict(it.dpo_config)}, metrics=metrics))
     summary["dpo"] = {**metrics, "model_id": record["model_id"]}
     return dpo_dir
 
@@ -153,10 +162,11 @@ def second_round(it: Iteration, model_dir: str | Path, summary: dict, *, pool_fi
     filtering, so near-duplicates are removed across both rounds.
     """
     first_round = (it.samples_path, it.labels_path) if pool_first_round else None
-    counts, kept, labels = _second_round(model_dir=Path(model_dir), problems_path=it.problems_path, work=it.work,
-                                         sampling=it.sampling, self_train=it.self_train, iteration=it.iteration,
-                                         first_round=first_round, filter_config=it.filter_config,
-                                         executor=it.executor)
+    # Under `accelerate launch`, sampled by the main process (or its executor's workers) while the others wait.
+    counts, kept, labels = on_main_process(lambda: _second_round(
+        model_dir=Path(model_dir), problems_path=it.problems_path, work=it.work, sampling=it.sampling,
+        self_train=it.self_train, iteration=it.iteration, first_round=first_round, filter_config=it.filter_config,
+        executor=it.executor))
     examples = self_training_examples(it.problems(), kept, labels)
     summary["second_round"] = {**counts, "sampled_from": model_id(model_dir),
                                "correct_kept": sum(e["sample_id"] is not None for e in examples)}
@@ -180,20 +190,25 @@ def sft(it: Iteration, examples: list[dict], summary: dict, *, init: str, dpo_di
                        max_steps=config.max_steps, score_every_steps=config.score_every)
     data = {"problems": it.problems_path}
     if dpo_dir is not None:
-        os.replace(dpo_dir, it.out / "dpo")
-        from train.common import checkpoint_root
-
-        shutil.rmtree(checkpoint_root(dpo_dir), ignore_errors=True)  # dpo_beside's record of its finished model
         data["pairs"] = it.pairs_path
     if "second_round" in summary:
         data["self_train_examples"] = str(it.work / "kept.parquet")
     summary["sft"] = {k: result[k] for k in ("best_step", "dev_accuracy", "steps", "examples")} | {
         "init": model_id(init_dir), "curve": result["curve"]}
-    record = write_model_lineage(
-        it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"], data=data,
-        params={"recipe": it.recipe, "self_train": as_dict(config), "dpo": as_dict(it.dpo_config)},
-        metrics={"dev_accuracy": result["dev_accuracy"], "examples": result["examples"], "steps": result["steps"]},
-    )
+
+    def record_model() -> dict:
+        if dpo_dir is not None:
+            os.replace(dpo_dir, it.out / "dpo")
+            from train.common import checkpoint_root
+
+            shutil.rmtree(checkpoint_root(dpo_dir), ignore_errors=True)  # dpo_beside's record of its finished model
+        return write_model_lineage(
+            it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"], data=data,
+            params={"recipe": it.recipe, "self_train": as_dict(config), "dpo": as_dict(it.dpo_config)},
+            metrics={"dev_accuracy": result["dev_accuracy"], "examples": result["examples"],
+                     "steps": result["steps"]})
+
+    record = on_main_process(record_model)
     return summary | {"model_id": record["model_id"]}
 
 
@@ -210,11 +225,10 @@ def orpo_model(it: Iteration, pairs_files: list[str], summary: dict) -> dict:
     else:
         _keep_previous(it, f"{it.pairs_path} or earlier")
         metrics = {"skipped": "no pairs"} | counts
-    record = write_model_lineage(it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"],
-                                 data={f"pairs_{i}": path for i, path in enumerate(pairs_files)},
-                                 params={"recipe": it.recipe, "orpo": as_dict(it.orpo_config),
-                                         "pairs_files": pairs_files},
-                                 metrics=metrics)
+    record = on_main_process(lambda: write_model_lineage(
+        it.out, stage=f"train:{it.recipe}", parent=summary["prev_model"],
+        data={f"pairs_{i}": path for i, path in enumerate(pairs_files)},
+        params={"recipe": it.recipe, "orpo": as_dict(it.orpo_config), "pairs_files": pairs_files}, metrics=metrics))
     return summary | {"orpo": {**metrics, "model_id": record["model_id"]}, "model_id": record["model_id"]}
 
 

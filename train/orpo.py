@@ -42,7 +42,7 @@ from pathlib import Path
 
 from factory.modeling import format_completion, load_model, trainer_tokenizer
 from train.common import (Checkpoints, LoRASettings, digest, frozen_base_dtype, last_epoch_mean,
-                          preference_settings, run_fingerprint, save_model_atomically)
+                          on_main_process, preference_settings, run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,8 +132,12 @@ def main(*, pairs: list[dict], model_dir: str | Path, out_dir: str | Path, confi
     seconds = time.monotonic() - started
     model = trainer.model
     model.eval()
-    save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
-    checkpoints.clear()
+
+    def save():
+        save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
+        checkpoints.clear()
+
+    on_main_process(save)  # under `accelerate launch`: once, and the other processes wait for the model
     history = trainer.state.log_history
     losses_logged = [e["loss"] for e in history if "loss" in e]
     steps = trainer.state.global_step

@@ -30,7 +30,10 @@ targets (regression) and a gather at the step ends, which Trainer's token
 classification loss does not do, and a loop of a fixed number of optimizer
 steps is short. AdamW, linear warm-up then linear decay to 0, gradient norm
 clipped at 1.0 (Trainer's defaults), batches drawn from seeded permutations of
-the examples, so a run is deterministic in `seed`. Sequences are truncated at
+the examples, so a run is deterministic in `seed`. The loop is not
+distributed: under `accelerate launch`, `factory steps`, which trains it, runs
+on rank 0 alone as a plain process (`factory.cli`), the others leaving at once,
+so it never waits on a collective the other ranks do not join. Sequences are truncated at
 `max_length` tokens; steps whose end falls beyond it are not trained on and
 are counted. Scoring pads on the right itself (whatever the tokenizer's
 `padding_side`), so every real token keeps its position and a sample scores the

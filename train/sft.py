@@ -31,7 +31,7 @@ from factory.evaluate import EvalConfig, evaluate
 from factory.modeling import (TINY, TinyModelConfig, build_tiny_model, count_parameters, format_completion,
                               format_prompt, load_model, trainer_tokenizer)
 from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, is_lora,
-                          run_fingerprint, save_model_atomically)
+                          is_main_process, on_main_process, run_fingerprint, save_model_atomically)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +105,9 @@ class _DevScorer:
     """A TrainerCallback that scores dev accuracy, keeps the best weights and (optionally) stops on a plateau.
 
     It scores at each epoch's end, or every `every_steps` optimizer steps (and
-    at the last step) when that is set.
+    at the last step) when that is set. Under `accelerate launch` the main
+    process scores, and alone keeps the best weights (it saves the model); every
+    process gets its accuracy, so all stop at the same step.
     """
 
     def __init__(self, tokenizer, dev: list[dict], config: SFTRunConfig, *, every_steps: int = 0,
@@ -144,8 +146,8 @@ class _DevScorer:
         self.best_state, self.stale = state["best_state"], state["stale"]
 
     def score(self, model, state, control) -> None:
-        evaluation = evaluate(model, self.tokenizer, self.dev, self.eval_config, show_progress=False)
-        accuracy = evaluation.scores[self.split].accuracy
+        accuracy = on_main_process(lambda: evaluate(model, self.tokenizer, self.dev, self.eval_config,
+                                                    show_progress=False).scores[self.split].accuracy)
         previous = self.history[-1]["step"] if self.history else 0
         losses = [e["loss"] for e in state.log_history if "loss" in e and previous < e["step"] <= state.global_step]
         self.history.append({
@@ -155,13 +157,15 @@ class _DevScorer:
             "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
         })
         elapsed = time.monotonic() - self.started
-        print(f"step {state.global_step} (epoch {state.epoch:.1f}): dev accuracy {accuracy:.3f} ({elapsed:.0f}s)",
-              flush=True)
+        main = is_main_process()
+        if main:
+            print(f"step {state.global_step} (epoch {state.epoch:.1f}): dev accuracy {accuracy:.3f} ({elapsed:.0f}s)",
+                  flush=True)
         if accuracy > self.best_accuracy + self.min_delta:
             self.best_accuracy, self.stale = accuracy, 0
-            if is_lora(model):  # only the adapters train: keep them, not a copy of the whole base
+            if main and is_lora(model):  # only the adapters train: keep them, not a copy of the whole base
                 self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            else:
+            elif main:  # it alone saves the model
                 self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.stale += 1
@@ -238,11 +242,15 @@ def train_sft(
         peft_config=config.lora.peft_config(),
     )
     checkpoints.train(trainer)
-    model = trainer.model  # with LoRA, the peft model around the base
-    if scorer.best_state is not None:
-        model.load_state_dict(scorer.best_state, strict=not is_lora(model))
-    save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
-    checkpoints.clear()
+
+    def save_best():
+        model = trainer.model  # with LoRA, the peft model around the base
+        if scorer.best_state is not None:
+            model.load_state_dict(scorer.best_state, strict=not is_lora(model))
+        save_model_atomically(model, tokenizer, out_dir)  # LoRA: merged into the weights
+        checkpoints.clear()
+
+    on_main_process(save_best)  # under `accelerate launch`: once, and the other processes wait for the model
     best = max(scorer.history, key=lambda h: h["dev_accuracy"])
     return {
         "curve": scorer.history,
