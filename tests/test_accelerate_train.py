@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from factory.cli import main as cli
+from conftest import first_round_inputs
 from factory.lineage import model_id, read_model_lineage
 from factory.modeling import load_model
 from test_iteration import PARAMS as ITERATION_PARAMS
@@ -39,20 +39,7 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("accelerate")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    args = ["--params", p(root, "params.yaml")]
-    assert cli(["problems", "arith", "--out", p(root, "problems.parquet")] + args) == 0
-    assert cli(["base", "--problems", p(root, "problems.parquet"), "--out", p(root, "base")] + args) == 0
-    assert cli(["warmup", "--problems", p(root, "problems.parquet"), "--base", p(root, "base"), "--out",
-                p(root, "prev")] + args) == 0
-    assert cli(["sample", "--model", p(root, "prev"), "--problems", p(root, "problems.parquet"), "--iteration", "1",
-                "--out", p(root, "samples.parquet")] + args) == 0
-    assert cli(["label", p(root, "samples.parquet"), "--problems", p(root, "problems.parquet"), "--out",
-                p(root, "labels.parquet"), "--summary", p(root, "label.json")]) == 0
-    assert cli(["filter", p(root, "samples.parquet"), "--labels", p(root, "labels.parquet"), "--out",
-                p(root, "kept.parquet"), "--dropped", p(root, "dropped.parquet"), "--iteration", "1"] + args) == 0
-    assert cli(["pairs", "--problems", p(root, "problems.parquet"), "--samples", p(root, "kept.parquet"), "--labels",
-                p(root, "labels.parquet"), "--model", p(root, "prev"), "--iteration", "1", "--out",
-                p(root, "pairs.parquet")] + args) == 0
+    first_round_inputs(root)
     return root
 
 

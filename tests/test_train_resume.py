@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import first_round_inputs
 from factory.cli import main as cli
 from factory.lineage import model_id
 from test_iteration import PARAMS as ITERATION_PARAMS
@@ -37,19 +38,7 @@ CLI = "import sys; from factory.cli import main; sys.exit(main(sys.argv[1:]))"
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    args = ["--params", str(root / "params.yaml")]
-    assert cli(["problems", "arith", "--out", p(root, "problems.parquet")] + args) == 0
-    assert cli(["base", "--problems", p(root, "problems.parquet"), "--out", p(root, "base")] + args) == 0
-    assert cli(warmup_argv(root, "prev")) == 0  # the uninterrupted warm-up
-    assert cli(["sample", "--model", p(root, "prev"), "--problems", p(root, "problems.parquet"), "--iteration", "1",
-                "--out", p(root, "samples.parquet")] + args) == 0
-    assert cli(["label", p(root, "samples.parquet"), "--problems", p(root, "problems.parquet"), "--out",
-                p(root, "labels.parquet"), "--summary", p(root, "label.json")]) == 0
-    assert cli(["filter", p(root, "samples.parquet"), "--labels", p(root, "labels.parquet"), "--out",
-                p(root, "kept.parquet"), "--dropped", p(root, "dropped.parquet"), "--iteration", "1"] + args) == 0
-    assert cli(["pairs", "--problems", p(root, "problems.parquet"), "--samples", p(root, "kept.parquet"), "--labels",
-                p(root, "labels.parquet"), "--model", p(root, "prev"), "--iteration", "1", "--out",
-                p(root, "pairs.parquet")] + args) == 0
+    first_round_inputs(root)
     return root
 
 
