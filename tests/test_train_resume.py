@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import first_round_inputs
 from factory.cli import main as cli
@@ -36,10 +35,7 @@ CLI = "import sys; from factory.cli import main; sys.exit(main(sys.argv[1:]))"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    first_round_inputs(root)
-    return root
+    return first_round_inputs(tmp_path_factory.mktemp("resume"), PARAMS)
 
 
 def p(root: Path, *parts: str) -> str:
