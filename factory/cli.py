@@ -141,18 +141,26 @@ def cmd_base(args) -> None:
     Example: factory base --problems data/problems.parquet --out models/base
     """
     from factory.lineage import read_table, write_model_lineage
-    from factory.modeling import TinyModelConfig
+    from factory.modeling import TINY, TinyModelConfig
     from factory.params import as_dict, section
+    from factory.problems.arith import FAMILIES
+    from train.pretrain import PretrainConfig
     from train.sft import WarmupConfig, build_base
 
     params = _params(args)
     config = section(params, "warmup", WarmupConfig, path=args.params)
     tiny = section(params, "model", TinyModelConfig, path=args.params)
+    pretraining = section(params, "pretrain", PretrainConfig, path=args.params)
     problems = read_table(args.problems, "problems").to_pylist()
-    summary = build_base(problems=problems, base_model=config.base_model, tiny=tiny, out_dir=args.out)
+    arith_task = any(p["source"] == "arith" for p in problems)  # the corpus must not share its story families
+    task_families = tuple((params.get("problems") or {}).get("arith", {}).get("families") or FAMILIES) \
+        if arith_task else ()
+    summary = build_base(problems=problems, base_model=config.base_model, tiny=tiny, out_dir=args.out,
+                         pretraining=pretraining, task_families=task_families)
+    made = {"pretrain": as_dict(pretraining)} if config.base_model == TINY else {}
     record = write_model_lineage(
         args.out, stage="base", parent=base_source(config.base_model),
-        data={"problems": args.problems}, params={"base_model": config.base_model, "model": as_dict(tiny)},
+        data={"problems": args.problems}, params={"base_model": config.base_model, "model": as_dict(tiny), **made},
         metrics=summary,
     )
     print(f"{args.out}: base model {record['model_id']} ({summary['parameters'] / 1e6:.2f}M parameters, "

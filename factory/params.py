@@ -43,6 +43,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
 # holds one sub-section per generated source (`problems.arith`); `pairs` is read by `factory.recipes`.
 SECTIONS = {
     "model": "factory.modeling:TinyModelConfig",
+    "pretrain": "train.pretrain:PretrainConfig",
     "warmup": "train.sft:WarmupConfig",
     "eval": "factory.evaluate:EvalConfig",
     "sample": "factory.generators.sampling:SamplingConfig",

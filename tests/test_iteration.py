@@ -18,6 +18,7 @@ PARAMS = {
                                                   "test_ood": 2}}},
     "model": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
               "max_length": 384},
+    "pretrain": {"steps": 0},  # random weights: these tests are about training, tests/test_warmup.py pretrains
     # A short warm-up that memorises the answer format, so samples end in `#### N` and some are wrong.
     "warmup": {"max_epochs": 12, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0, "patience": 20,
                "dev_max_new_tokens": 8},

@@ -39,6 +39,7 @@ def project(tmp_path_factory):
     params["model"] |= {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
                         "num_heads": 2}
     # A short warm-up that memorises the answer format, so samples end in `#### N` and some are wrong.
+    params["pretrain"] |= {"steps": 3, "problems": 12, "arithmetic": 4, "batch_size": 4, "warmup_steps": 0}
     params["warmup"] |= {"max_epochs": 12, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0,
                          "patience": 20, "dev_max_new_tokens": 8}
     params["eval"] |= {"max_new_tokens": 32}

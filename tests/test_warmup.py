@@ -1,9 +1,11 @@
 """Warm-up SFT smoke test: a real TRL run on a tiny model and a handful of arith problems."""
 
+import dataclasses
+
 import pytest
 
 from factory.lineage import model_id
-from factory.modeling import TinyModelConfig, load_model
+from factory.modeling import TinyModelConfig, format_prompt, load_model
 from factory.problems.arith import ArithConfig, generate_problems
 from train.sft import (
     SFTRunConfig,
@@ -15,6 +17,7 @@ from train.sft import (
     main,
     train_sft,
 )
+from train.pretrain import PretrainConfig, check_disjoint, corpus
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +106,29 @@ def test_saved_model_does_not_record_how_its_tokenizer_was_loaded(base, tmp_path
         assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
         ids.append(model_id(out))
     assert ids[0] == ids[1]
+
+
+PRETRAIN = PretrainConfig(steps=4, problems=16, arithmetic=4, batch_size=4, warmup_steps=0)
+
+
+def test_pretraining_corpus_is_seeded_and_disjoint_from_the_task(problems, base):
+    _, tokenizer = load_model(base)
+    task = {p["question"] for p in problems}
+    documents = corpus(PRETRAIN, tokenizer, task)
+    assert documents == corpus(PRETRAIN, tokenizer, task) and len(documents) == 20
+    assert not any(question in document for question in task for document in documents)
+    chats = [d for d in documents if "####" in d]
+    assert len(chats) == 16 and all(d.startswith(format_prompt(tokenizer, "")[:5]) for d in chats)
+    assert corpus(dataclasses.replace(PRETRAIN, seed=1), tokenizer, task) != documents
+    with pytest.raises(ValueError, match=r"pretrain.families shares \['shop'\] with problems.arith.families"):
+        check_disjoint(PRETRAIN, ("collect", "shop"))
+    check_disjoint(PRETRAIN, ("collect",))
+
+
+def test_pretrained_base_is_trained_deterministic_and_recorded(problems, base, tmp_path):
+    summaries = [build_base(problems=problems, base_model="tiny", tiny=TINY, out_dir=tmp_path / name,
+                            pretraining=PRETRAIN, task_families=("collect",)) for name in ("a", "b")]
+    assert summaries[0] == summaries[1] and summaries[0]["pretrain_steps"] == 4
+    assert summaries[0]["pretrain_documents"] == 20 and summaries[0]["pretrain_final_loss"] is not None
+    assert model_id(tmp_path / "a") == model_id(tmp_path / "b") != model_id(base)
+    assert not list(tmp_path.glob(".*checkpoints*"))  # cleaned up after itself

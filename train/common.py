@@ -292,9 +292,10 @@ def digest(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_fingerprint(kind: str, *, model_dir: str | Path, **parts) -> str:
-    """What makes a training run's output: its kind, starting model (its weights' id), data, config, and the
-    library versions. Checkpoints of a run with another fingerprint are never resumed."""
+def run_fingerprint(kind: str, *, model_dir: str | Path | None, **parts) -> str:
+    """What makes a training run's output: its kind, starting model (its weights' id; None for one built in
+    memory, which `parts` then describes), data, config, and the library versions. Checkpoints of a run with
+    another fingerprint are never resumed."""
     import torch
     import transformers
     import trl
@@ -302,7 +303,8 @@ def run_fingerprint(kind: str, *, model_dir: str | Path, **parts) -> str:
     from factory.lineage import model_id
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
-    return digest({"kind": kind, "model": model_id(model_dir), "versions": versions, **parts})[:16]
+    start = model_id(model_dir) if model_dir is not None else None
+    return digest({"kind": kind, "model": start, "versions": versions, **parts})[:16]
 
 
 class Checkpoints:

@@ -32,6 +32,7 @@ from factory.modeling import (TINY, TinyModelConfig, build_tiny_model, count_par
                               format_prompt, load_model, trainer_tokenizer)
 from train.common import (Checkpoints, LoRASettings, cpu_safe_settings, digest, frozen_base_dtype, is_lora,
                           is_main_process, on_main_process, run_fingerprint, save_model_atomically)
+from train.pretrain import PretrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,17 +73,33 @@ def _tiny_tokenizer_texts(problems: list[dict]) -> list[str]:
     return texts
 
 
-def build_base(*, problems: list[dict], base_model: str, tiny: TinyModelConfig, out_dir: str | Path) -> dict:
-    """Save the base model (the start of the warm-up and of every self-training step) into `out_dir`."""
-    if base_model == TINY:
-        from factory.modeling import train_tokenizer
+def build_base(*, problems: list[dict], base_model: str, tiny: TinyModelConfig, out_dir: str | Path,
+               pretraining: PretrainConfig | None = None, task_families: tuple[str, ...] = ()) -> dict:
+    """Save the base model (the start of the warm-up and of every self-training step) into `out_dir`.
 
-        tokenizer = train_tokenizer(_tiny_tokenizer_texts(problems), tiny.vocab_size)
-        model = build_tiny_model(tokenizer, tiny)
-    else:
+    The tiny model is pretrained (`train.pretrain`) unless `pretraining` is None or has 0 steps.
+    """
+    if base_model != TINY:
         model, tokenizer = load_model(base_model)
-    save_model_atomically(model, tokenizer, out_dir)
-    return {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+        save_model_atomically(model, tokenizer, out_dir)
+        return {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+    from factory.modeling import train_tokenizer
+    from train.pretrain import check_disjoint, corpus, pretrain
+
+    pretraining = pretraining or PretrainConfig(steps=0)
+    check_disjoint(pretraining, task_families)
+    texts = _tiny_tokenizer_texts(problems)
+    documents = []
+    if pretraining.steps:
+        bootstrap = train_tokenizer(texts, tiny.vocab_size)  # formats the corpus' chat turns; BPE merges aside
+        documents = corpus(pretraining, bootstrap, {p["question"] for p in problems})
+    tokenizer = train_tokenizer(texts + documents, tiny.vocab_size)
+    model = build_tiny_model(tokenizer, tiny)
+    summary = {"parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+    if not pretraining.steps:
+        save_model_atomically(model, tokenizer, out_dir)
+        return summary
+    return summary | pretrain(model, tokenizer, documents, pretraining, out_dir)
 
 
 def gold_examples(problems: list[dict]) -> list[dict]:
