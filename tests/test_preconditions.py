@@ -1,0 +1,75 @@
+"""Each recipe's precondition signal, checked against hand-computed cases."""
+
+import doctest
+
+import pytest
+
+import factory.preconditions
+from factory.preconditions import (auc, iteration_signals, label_signals, majority_on_gold, pass_at_k,
+                                   self_eval_signal, step_negative_yield)
+
+
+def test_doctests():
+    assert doctest.testmod(factory.preconditions).failed == 0
+
+
+def test_pass_at_k_by_hand():
+    # Problem a: 1 of 4 correct; b: 2 of 4; c: no gold (not counted); d: 0 of 3 (so k stops at 3).
+    ids = ["a"] * 4 + ["b"] * 4 + ["c"] * 4 + ["d"] * 3
+    correct = [True, False, False, False, True, True, False, False, None, None, None, None, False, False, False]
+    signals = label_signals(ids, correct)
+    # pass@1: (1/4 + 2/4 + 0) / 3; pass@2: a: 1 - C(3,2)/C(4,2) = 1/2, b: 1 - C(2,2)/C(4,2) = 5/6;
+    # pass@3: a: 1 - C(3,3)/C(4,3) = 3/4, b: 1.
+    assert signals == {"gold_problems": 3, "pass_at_k": {"1": 0.25, "2": round((1 / 2 + 5 / 6) / 3, 4),
+                                                          "3": round((3 / 4 + 1) / 3, 4)}}
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(3, 1, 4)
+
+
+def test_no_gold_measures_nothing():
+    votes = [{"problem_id": "a", "top_share": 1.0, "majority_correct": None}]
+    signals = label_signals(["a", "a"], [None, None], votes)
+    assert signals == {"gold_problems": 0, "pass_at_k": {},
+                       "majority_on_gold": {"problems": 0, "majority_accuracy": None, "by_top_share": [
+                           {"top_share": "[0.0, 0.5)", "problems": 0, "majority_accuracy": None},
+                           {"top_share": "[0.5, 0.75)", "problems": 0, "majority_accuracy": None},
+                           {"top_share": "[0.75, 1.0]", "problems": 0, "majority_accuracy": None}]}}
+    named = iteration_signals({"pass_at_k": {}, "vote": {"majority_on_gold": signals["majority_on_gold"]}}, {})
+    assert named["pass_at_n"] is None and named["majority_accuracy_gold"] is None
+
+
+def test_vote_share_buckets():
+    result = majority_on_gold([(0.25, True), (0.49, False), (0.5, False), (0.74, True), (0.75, True), (1.0, True),
+                               (1.0, False)])
+    assert result["problems"] == 7 and result["majority_accuracy"] == round(4 / 7, 4)
+    assert [(b["problems"], b["majority_accuracy"]) for b in result["by_top_share"]] == \
+        [(2, 0.5), (2, 0.5), (3, round(2 / 3, 4))]
+
+
+def test_auc_with_ties_and_one_class():
+    # Pairs (pos, neg): (0.8,0.5) 1, (0.8,0.2) 1, (0.5,0.5) 1/2, (0.5,0.2) 1, (0.2,0.5) 0, (0.2,0.2) 1/2 -> 4/6.
+    assert auc([0.8, 0.5, 0.2], [0.5, 0.2]) == pytest.approx(4 / 6)
+    assert auc([0.9] * 3, [0.9] * 2) == 0.5  # blind: every node the same P(yes)
+    assert auc([0.1], [0.9]) == 0.0 and auc([0.9], [0.1]) == 1.0
+    assert auc([0.5], []) is None and auc([], [0.5]) is None
+
+
+def test_self_eval_signal_reads_terminal_nodes_only():
+    def node(terminal, outcome, p):
+        return {"terminal": terminal, "outcome": outcome, "self_eval": p}
+
+    nodes = [node(True, 1.0, 0.9), node(True, -1.0, 0.4), node(True, -1.0, 0.95), node(False, None, 0.1),
+             node(True, 1.0, None)]
+    assert self_eval_signal(nodes) == {"auc": 0.5, "correct_terminals": 1, "wrong_terminals": 2,
+                                       "mean_p_yes_correct": 0.9, "mean_p_yes_wrong": 0.675}
+    one_class = self_eval_signal([node(True, -1.0, 0.9)])
+    assert one_class["auc"] is None and one_class["wrong_terminals"] == 1
+    assert iteration_signals({}, {"self_eval": one_class})["self_eval_auc"] is None
+
+
+def test_step_negative_yield():
+    rows = [{"parent_sample_id": p} for p in ["s-1", "s-1", "s-2", "s-3"]]
+    assert step_negative_yield(rows, [True, False, None, False]) == {
+        "parents": 3, "continuations": 4, "negatives": 2, "still_correct": 1, "negatives_per_parent": 0.6667}
+    assert step_negative_yield([], [])["negatives_per_parent"] is None
