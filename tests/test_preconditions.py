@@ -3,6 +3,7 @@
 import doctest
 
 import pytest
+from conftest import sampling_workspace
 
 import factory.preconditions
 from factory.preconditions import (auc, iteration_signals, label_signals, majority_on_gold, pass_at_k,
@@ -73,3 +74,60 @@ def test_step_negative_yield():
     assert step_negative_yield(rows, [True, False, None, False]) == {
         "parents": 3, "continuations": 4, "negatives": 2, "still_correct": 1, "negatives_per_parent": 0.6667}
     assert step_negative_yield([], [])["negatives_per_parent"] is None
+
+
+@pytest.fixture(scope="module")
+def step_workspace(tiny_model, tmp_path_factory):
+    """The tiny model, problems, and two correct three-step kept samples for each of 6 test problems."""
+    import pyarrow.parquet as pq
+
+    from factory.labelers import label_samples
+    from factory.lineage import read_table
+    from factory.schema import from_rows
+
+    root = sampling_workspace(tmp_path_factory.mktemp("steps"), tiny_model, test_problems=6)
+    problems = read_table(root / "problems.parquet", "problems")
+    rows = [{"sample_id": f"s-{p['problem_id']}-{i}", "problem_id": p["problem_id"], "iteration": 1,
+             "model_id": "m-test", "generator": "hf", "sample_index": i, "seed": 0, "temperature": 0.7,
+             "top_p": 1.0, "max_new_tokens": 64, "calculator": True, "n_tokens": 20, "finish_reason": "stop",
+             "text": f"First {i} step.\nThen a second.\nSo the answer.\n#### {p['gold_answer']}"}
+            for p in problems.to_pylist() if p["split"] == "test" for i in range(2)]
+    samples = from_rows(rows, "samples")
+    pq.write_table(samples, root / "kept.parquet")
+    pq.write_table(label_samples(samples, problems, labelers=("gold",)), root / "labels.parquet")
+    return root
+
+
+def run_step_stage(root, recipe: str, params: dict) -> dict:
+    from factory.recipes import get_recipe
+    from factory.step_stage import run_steps
+
+    return run_steps(recipe=get_recipe(recipe), model_dir=str(root / "model"),
+                     problems_path=str(root / "problems.parquet"), samples_path=str(root / "kept.parquet"),
+                     labels_path=str(root / "labels.parquet"), iteration=1, out=str(root / recipe), params=params,
+                     params_path="<test>")
+
+
+@pytest.mark.slow
+def test_steps_json_of_scdpo_counts_its_negatives(step_workspace):
+    from factory.lineage import read_table
+
+    summary = run_step_stage(step_workspace, "scdpo", {"steps": {"max_new_tokens": 16, "batch_size": 8,
+                                                                 "attempts": 2, "seed": 2}})
+    samples = read_table(step_workspace / "scdpo/samples.parquet", "samples").to_pylist()
+    verdicts = read_table(step_workspace / "scdpo/labels.parquet", "labels").column("correct").to_pylist()
+    assert summary["step_negatives"] == step_negative_yield(samples, verdicts)
+    assert summary["step_negatives"]["continuations"] == len(samples) > 0
+
+
+@pytest.mark.slow
+def test_steps_json_of_mcts_dpo_has_the_self_eval_auc(step_workspace):
+    from factory.lineage import read_table
+
+    mcts = {"problems": 6, "width": 2, "simulations": 2, "max_depth": 3, "max_step_tokens": 12, "batch_size": 8,
+            "seed": 1}
+    summary = run_step_stage(step_workspace, "mcts_dpo", {"mcts": mcts})
+    nodes = read_table(step_workspace / "mcts_dpo/nodes.parquet", "nodes").to_pylist()
+    assert summary["self_eval"] == self_eval_signal(nodes)
+    assert summary["self_eval"]["wrong_terminals"] + summary["self_eval"]["correct_terminals"] \
+        == sum(n["terminal"] for n in nodes) > 0

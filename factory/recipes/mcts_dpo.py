@@ -67,13 +67,15 @@ def make_steps(inputs):
     """One search tree per problem the iteration sampled, the first `mcts.problems` with a gold answer."""
     from factory.generators.tree import MCTSConfig
     from factory.params import as_dict
+    from factory.preconditions import self_eval_signal
     from factory.step_stage import StepTables
 
     config = inputs.section("mcts", MCTSConfig)
     nodes, search = _search(inputs, config)
     summary = {"search": search, "generated": {"rows": len(nodes), "tokens": search["generated_tokens"],
                                                "correct": search["correct_terminal_nodes"],
-                                               "parents": search["expansions"]}}
+                                               "parents": search["expansions"]},
+               "self_eval": self_eval_signal(nodes)}  # the precondition: does P(yes) tell right from wrong?
     return StepTables(nodes=nodes, params={"mcts": as_dict(config)}, summary=summary)
 
 

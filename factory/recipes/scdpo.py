@@ -43,9 +43,13 @@ class ScDPOPairs(PairsConfig):
 def make_steps(inputs):
     """Step-controlled continuations of the correct kept samples, labelled against gold."""
     from factory.generators.continuations import StepsConfig, negatives_in_shards
+    from factory.preconditions import step_negative_yield
     from factory.step_stage import generate_and_label
 
-    return generate_and_label(inputs, negatives_in_shards, inputs.section("steps", StepsConfig)).tables
+    tables = generate_and_label(inputs, negatives_in_shards, inputs.section("steps", StepsConfig)).tables
+    # The precondition: how many wrong continuations (negatives) the parents yielded.
+    tables.summary["step_negatives"] = step_negative_yield(tables.samples, tables.labels.column("correct").to_pylist())
+    return tables
 
 
 STEP_CONTROLLED = "step_controlled"  # the generator of SCDPO's continuations (factory.generators.continuations)
