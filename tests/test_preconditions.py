@@ -131,3 +131,16 @@ def test_steps_json_of_mcts_dpo_has_the_self_eval_auc(step_workspace):
     assert summary["self_eval"] == self_eval_signal(nodes)
     assert summary["self_eval"]["wrong_terminals"] + summary["self_eval"]["correct_terminals"] \
         == sum(n["terminal"] for n in nodes) > 0
+
+
+@pytest.mark.slow
+def test_steps_json_of_sipf_orpo_has_the_prm_held_out_accuracy(step_workspace):
+    summary = run_step_stage(step_workspace, "sipf_orpo", {
+        "steps": {"max_new_tokens": 16, "batch_size": 8, "rollouts": 2, "rollout_samples": 0, "seed": 2},
+        "prm": {"max_steps": 4, "batch_size": 4, "warmup_steps": 0, "max_length": 256, "eval_every": 2}})
+    prm = summary["process"]["prm"]
+    assert prm["heldout_examples"] == 2 * 1 and prm["examples_trained"] == 2 * 5  # 1 of 6 problems held out
+    assert prm["heldout_accuracy"] is not None and prm["heldout_majority_baseline"] >= 0.5
+    signals = iteration_signals({}, summary)
+    assert (signals["prm_heldout_accuracy"], signals["prm_heldout_baseline"]) == \
+        (prm["heldout_accuracy"], prm["heldout_majority_baseline"])

@@ -137,7 +137,7 @@ def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labe
     scored = rollout_scores(kept, labels, rollouts, rollout_labels, steps_config, model_id=policy_id)
     question = {p["problem_id"]: p["question"] for p in problems}
     text = {s["sample_id"]: s["text"] for s in kept}
-    examples = [{"prompt": format_prompt(tokenizer, question[row["problem_id"]]),
+    examples = [{"problem_id": row["problem_id"], "prompt": format_prompt(tokenizer, question[row["problem_id"]]),
                  "steps": split_steps(text[row["sample_id"]], steps_config.delimiter),
                  "labels": row["step_labels"], "scores": row["step_scores"]} for row in scored.to_pylist()]
     summary: dict = {"rollout_scored_samples": scored.num_rows,
