@@ -20,7 +20,7 @@ Light imports: nothing here needs torch.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import comb
 from typing import Any
 
@@ -47,16 +47,16 @@ class PreconditionsConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Check:
     """One precondition's verdict: `holds` is None when the signal could not be measured."""
 
-    recipe: str
     signal: str
     value: float | None
     threshold: float | None
     holds: bool | None
     why: str
+    recipe: str = ""  # set by `check_recipe`
 
     @property
     def message(self) -> str:
@@ -72,15 +72,12 @@ class Check:
                 "message": self.message}
 
 
-def at_least(recipe: str, signals: dict, signal: str, threshold: float | str, *, why: str,
-             strict: bool = False) -> Check:
+def at_least(signals: dict, signal: str, threshold: float | str, *, why: str, strict: bool = False) -> Check:
     """`signals[signal] >= threshold` (`>` when `strict`); a str threshold names another signal (a baseline)."""
     value = signals.get(signal)
     bound = signals.get(threshold) if isinstance(threshold, str) else threshold
-    if value is None or bound is None:
-        return Check(recipe, signal, value, bound, None, why)
-    holds = value > bound if strict else value >= bound
-    return Check(recipe, signal, value, bound, holds, why)
+    holds = None if value is None or bound is None else value > bound if strict else value >= bound
+    return Check(signal=signal, value=value, threshold=bound, holds=holds, why=why)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -205,4 +202,4 @@ def iteration_signals(label: dict | None, steps: dict | None) -> dict[str, Any]:
 
 def check_recipe(recipe, signals: dict, config: PreconditionsConfig) -> Check | None:
     """The recipe's precondition on these signals; None for a recipe that declares none."""
-    return recipe.precondition(signals, config) if recipe.precondition is not None else None
+    return replace(recipe.precondition(signals, config), recipe=recipe.name) if recipe.precondition else None

@@ -144,3 +144,119 @@ def test_steps_json_of_sipf_orpo_has_the_prm_held_out_accuracy(step_workspace):
     signals = iteration_signals({}, summary)
     assert (signals["prm_heldout_accuracy"], signals["prm_heldout_baseline"]) == \
         (prm["heldout_accuracy"], prm["heldout_majority_baseline"])
+
+
+def train_argv(root, label: dict | None, steps: dict | None = None) -> list[str]:
+    """`factory train` for iteration 1 with these label.json and steps.json; the model paths are never read when
+    the gate stops it, and a faked training step stands in otherwise."""
+    import json
+
+    argv = ["train", "--iteration", "1", "--problems", str(root / "problems.parquet"), "--prev", str(root / "prev"),
+            "--base", str(root / "base"), "--pairs", str(root / "pairs.parquet"), "--samples",
+            str(root / "samples.parquet"), "--labels", str(root / "labels.parquet"), "--work", str(root / "work"),
+            "--out", str(root / "out"), "--summary", str(root / "train.json"), "--params", str(root / "params.yaml")]
+    for name, figures in (("label", label), ("steps", steps)):
+        if figures is not None:
+            (root / f"{name}.json").write_text(json.dumps(figures))
+            argv += [f"--{name}-summary", str(root / f"{name}.json")]
+    return argv
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """The project's params with `recipe: dpo`, and the recipe's training step faked (no model is trained)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from factory.recipes import RECIPES
+
+    params = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params | {"recipe": "dpo"}))
+    trained = []
+
+    def fake_train(it):
+        trained.append(it.iteration)
+        return {"iteration": it.iteration, "recipe": "dpo", "model_id": "m-fake",
+                "dpo": {"pairs": 0, "reward_accuracy": 0.0}}
+
+    for name in ("dpo", "mcts_dpo"):
+        monkeypatch.setitem(RECIPES, name, dataclasses.replace(RECIPES[name], train=fake_train))
+    return tmp_path, params, trained
+
+
+def test_a_failing_precondition_warns_before_training_and_is_recorded(project, capsys):
+    import json
+
+    from factory.cli import main
+
+    root, _, trained = project
+    assert main(train_argv(root, {"pass_at_k": {"1": 0.0, "4": 0.0}})) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "warning: recipe dpo: precondition fails: pass_at_n = 0, threshold 0 (" in err and trained == [1]
+    record = json.loads((root / "train.json").read_text())["precondition"]
+    assert record | {"message": None} == {"signal": "pass_at_n", "value": 0.0, "threshold": 0.0, "holds": False,
+                                          "message": None}
+    assert main(train_argv(root, {"pass_at_k": {"1": 0.25, "4": 0.5}})) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((root / "train.json").read_text())["precondition"]["holds"] is True
+
+
+def test_the_gate_stops_a_failing_precondition_before_training(project, capsys):
+    import yaml
+
+    from factory.cli import main
+
+    root, params, trained = project
+    (root / "params.yaml").write_text(yaml.safe_dump(params | {"recipe": "dpo", "preconditions": {"gate": "fail"}}))
+    assert main(train_argv(root, {"pass_at_k": {"1": 0.0}})) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("factory train: error: recipe dpo: precondition fails: pass_at_n = 0") and "\n" not in err
+    assert "preconditions.gate is fail" in err and trained == [] and not (root / "train.json").exists()
+
+
+def test_an_unmeasurable_precondition_is_reported_as_unmeasured_never_as_holding(project, capsys):
+    import json
+
+    import yaml
+
+    from factory.cli import main
+
+    root, params, trained = project
+    # mcts_dpo on trees with no wrong terminal node: the AUC is undefined; even the gate lets it train, saying so.
+    (root / "params.yaml").write_text(yaml.safe_dump(params | {"recipe": "mcts_dpo", "sample": {"n": 1},
+                                                               "preconditions": {"gate": "fail"}}))
+    steps = {"self_eval": {"auc": None, "correct_terminals": 3, "wrong_terminals": 0}}
+    assert main(train_argv(root, {"pass_at_k": {"1": 0.5}}, steps)) == 0
+    assert "warning: recipe mcts_dpo: precondition unmeasured: self_eval_auc" in capsys.readouterr().err
+    record = json.loads((root / "train.json").read_text())["precondition"]
+    assert (record["signal"], record["value"], record["holds"]) == ("self_eval_auc", None, None) and trained == [1]
+
+
+def test_every_recipe_but_gold_only_sft_declares_a_precondition_with_params_thresholds():
+    from pathlib import Path
+
+    import yaml
+
+    from factory.params import as_dict
+    from factory.preconditions import PreconditionsConfig, check_recipe
+    from factory.recipes import RECIPES
+    from train.prm import PRMConfig
+
+    assert [name for name, recipe in RECIPES.items() if recipe.precondition is None] == ["sft"]
+    blind = {"self_eval_auc": 0.48, "majority_accuracy_gold": 0.34, "prm_heldout_accuracy": 0.7,
+             "prm_heldout_baseline": 0.7, "step_negative_yield": 0.25, "pass_at_n": 0.0}
+    verdicts = {name: check_recipe(recipe, blind, PreconditionsConfig()) for name, recipe in RECIPES.items()}
+    assert {name: (c.signal, c.holds) for name, c in verdicts.items() if c} == {
+        "dpo_st": ("pass_at_n", False), "self_train": ("pass_at_n", False), "dpo": ("pass_at_n", False),
+        "scpo": ("majority_accuracy_gold", False), "scpo_semi": ("majority_accuracy_gold", False),
+        "scdpo": ("step_negative_yield", False), "sipf_orpo": ("prm_heldout_accuracy", False),
+        "mcts_dpo": ("self_eval_auc", False)}
+    assert verdicts["sipf_orpo"].threshold == 0.7  # the baseline is the threshold: equal to it does not hold
+    # The defaults are params.yaml's values.
+    params = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    assert params["preconditions"] == as_dict(PreconditionsConfig())
+    assert {key: params["prm"][key] for key in ("heldout_fraction", "eval_every", "patience")} == \
+        {key: getattr(PRMConfig(), key) for key in ("heldout_fraction", "eval_every", "patience")}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from factory.pairs import NO_POSITIVE, PairsConfig, StepData, check_inputs, group_by_problem, pair_row, summarize
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 
 NO_MARGIN = "no_margin"  # no sample's path reward is eta below a correct sample's
@@ -198,8 +199,14 @@ def train(it) -> dict:
     return blocks.orpo_model(it, [*earlier_pairs(it.prev_dir), it.pairs_path], it.start())
 
 
+def prm_beats_majority_class(signals, config: PreconditionsConfig) -> Check:
+    """The PRM ranks the pairs: on held-out problems it must beat always guessing the commoner step label."""
+    return at_least(signals, "prm_heldout_accuracy", "prm_heldout_baseline", strict=True,
+                    why="the threshold is the held-out labels' majority-class share; a PRM at or below it ranks by noise")
+
+
 RECIPE = register(Recipe(
     module=__name__, name="sipf_orpo", paper="Chen et al., COLING 2025", train=train, make_steps=make_steps,
     pairs=PairRule(make=sipf_orpo_pairs, settings=SIPFPairs, gold_judged=False),
-    setup={"filter.calculator_consistent": True},
+    setup={"filter.calculator_consistent": True}, precondition=prm_beats_majority_class,
     summary="ORPO on pairs ranked by a process reward model trained on Monte Carlo rollouts; the data grows"))
