@@ -202,7 +202,8 @@ def train(it) -> dict:
 def prm_beats_majority_class(signals, config: PreconditionsConfig) -> Check:
     """The PRM ranks the pairs: on held-out problems it must beat always guessing the commoner step label."""
     return at_least(signals, "prm_heldout_accuracy", "prm_heldout_baseline", strict=True,
-                    why="the threshold is the held-out labels' majority-class share; a PRM at or below it ranks by noise")
+                    why="the threshold is the held-out labels' majority-class share; "
+                        "a PRM at or below it ranks pairs by noise")
 
 
 RECIPE = register(Recipe(
