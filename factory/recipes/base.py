@@ -184,6 +184,8 @@ def describe(recipe: Recipe) -> str:
     if recipe.pairs:
         lines.append(f"  pairs:    rule {recipe.pairs.name!r}, "
                      + ("gold-judged" if recipe.pairs.gold_judged else "judged without gold"))
+    if recipe.precondition:
+        lines.append(f"  relies:   {recipe.precondition.__doc__.splitlines()[0].rstrip('.')} (checked before training)")
     for title, values in (("needs", recipe.needs), ("setup", recipe.setup)):
         if values:
             lines.append(f"  {title + ':':<9} " + ", ".join(f"{k}={_setting(v)}" for k, v in values.items()))
