@@ -244,7 +244,7 @@ def _check_precondition(args, params: dict, recipe):
     import json
 
     from factory.params import section
-    from factory.preconditions import PreconditionsConfig, check_recipe, iteration_signals
+    from factory.preconditions import PreconditionFailed, PreconditionsConfig, check_recipe, iteration_signals
     from train.common import is_main_process
 
     config = section(params, "preconditions", PreconditionsConfig, path=args.params)
@@ -257,10 +257,6 @@ def _check_precondition(args, params: dict, recipe):
     if is_main_process():
         print(f"warning: {check.message}", file=sys.stderr, flush=True)
     return check
-
-
-class PreconditionFailed(ValueError):
-    """The iteration's recipe relies on a signal that this iteration measured below its threshold."""
 
 
 def _recipe(args, params: dict):

@@ -170,7 +170,7 @@ def _preconditions_table(rows: list[dict]) -> str:
     parts = [_table(["iteration", "recipe", "signal", "value", "threshold", "holds"],
                     [[r["iteration"], r.get("recipe"), r["precondition_signal"], r["precondition_value"],
                       r["precondition_threshold"], verdict[r["precondition_holds"]]] for r in checked],
-                    failed=[r["precondition_holds"] is not True for r in checked])
+                    failed=[r["precondition_holds"] is False for r in checked])
              if checked else _note("no iteration's training checked a precondition yet")]
     passes = sorted({c for r in rows for c in r if c.startswith("pass_at_")}, key=lambda c: int(c.rsplit("_", 1)[1]))
     columns = passes + [c for c in ("solved_fraction", *SIGNALS) if any(c in r for r in rows)]

@@ -47,6 +47,10 @@ class PreconditionsConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
+class PreconditionFailed(ValueError):
+    """With `preconditions.gate: fail`: the recipe relies on a signal this iteration measured below its threshold."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Check:
     """One precondition's verdict: `holds` is None when the signal could not be measured."""
