@@ -53,6 +53,7 @@ tokenizer; `config.json` carries `prm` = {head, aggregate, max_length}.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -110,8 +111,6 @@ def heldout_problems(examples: list[dict], fraction: float, seed: int) -> set[st
     >>> sorted(heldout_problems([{"problem_id": p} for p in "abcdeabcde"], 0.4, seed=0))
     ['a', 'd']
     """
-    import hashlib
-
     groups = sorted({_group(e, i) for i, e in enumerate(examples)},
                     key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g))
     return set(groups[: min(round(fraction * len(groups)), len(groups) - 1)])
