@@ -197,7 +197,8 @@ def cmd_warmup(args) -> None:
 def cmd_train(args) -> None:
     """One iteration's training step: the recipe's own (params `recipe`; `factory recipe --list` lists them).
 
-    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train` and `orpo`; the second round of sampling runs
+    Reads params `recipe`, `sample`, `filter`, `dpo`, `self_train`, `orpo` and `preconditions` (the recipe's
+    precondition, checked on --label-summary and --steps-summary before training); the second round of sampling runs
     where `executor` says.
     Example: factory train --iteration 1 --problems data/problems.parquet --prev models/iter_0 --base models/base --pairs data/iter_1/pairs.parquet --samples data/iter_1/samples.parquet --labels data/iter_1/labels.parquet --work data/iter_1/self_train --out models/iter_1
     """
@@ -213,6 +214,7 @@ def cmd_train(args) -> None:
 
     params = _params(args)
     recipe = _recipe(args, params)
+    precondition = _check_precondition(args, params, recipe)  # before any training: it may stop the run
     sampling = section(params, "sample", SamplingConfig, path=args.params)
     if recipe.samples_again:  # a second round of sampling follows DPO: fail before DPO, not after
         check_backend(sampling)
@@ -229,6 +231,7 @@ def cmd_train(args) -> None:
     summary = recipe.train(iteration)
     if not is_main_process():  # under `accelerate launch`: the main process writes the rest
         return
+    summary["precondition"] = precondition.record() if precondition else None
     if args.summary:
         write_json(args.summary, summary)
     if sft := summary.get("sft"):
@@ -241,6 +244,27 @@ def cmd_train(args) -> None:
         dpo = summary["dpo"]
         print(f"{args.out}: model {summary['model_id']} ({recipe.name}), weighted DPO on {dpo['pairs']} pairs"
               + (f" ({dpo['skipped']})" if "skipped" in dpo else f", reward accuracy {dpo['reward_accuracy']}"))
+
+
+def _check_precondition(args, params: dict, recipe):
+    """The recipe's precondition on this iteration's signals (--label-summary, --steps-summary): a one-line
+    warning when it fails or cannot be measured; with params `preconditions.gate: fail`, a failing one stops."""
+    import json
+
+    from factory.params import section
+    from factory.preconditions import PreconditionFailed, PreconditionsConfig, check_recipe, iteration_signals
+    from train.common import is_main_process
+
+    config = section(params, "preconditions", PreconditionsConfig, path=args.params)
+    read = [json.loads(Path(path).read_text()) if path else None for path in (args.label_summary, args.steps_summary)]
+    check = check_recipe(recipe, iteration_signals(*read), config)
+    if check is None or check.holds:
+        return check
+    if check.holds is False and config.gate == "fail":
+        raise PreconditionFailed(f"{check.message}; params preconditions.gate is fail, so it does not train")
+    if is_main_process():
+        print(f"warning: {check.message}", file=sys.stderr, flush=True)
+    return check
 
 
 def _recipe(args, params: dict):
@@ -742,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="folder for the second round's tables")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--summary", help="write the step's summary as JSON")
+    p.add_argument("--label-summary", help="this iteration's label.json: pass@k and the vote, for the precondition")
+    p.add_argument("--steps-summary", help="this iteration's steps.json: the step-level signals, for the precondition")
     p.add_argument("--params", default=DEFAULT_PARAMS)
 
     p = command("eval", cmd_eval, "greedy accuracy per split, as DVC metrics")

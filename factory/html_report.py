@@ -23,7 +23,7 @@ from pathlib import Path
 
 from factory.audit import catalog, query, views
 from factory.io import write_text
-from factory.report import iteration_numbers, iteration_row
+from factory.report import SIGNALS, iteration_numbers, iteration_row
 from factory.schema import ANSWER_STATUSES
 
 _SVG_STYLE = {
@@ -84,6 +84,8 @@ def write_html_report(
         f" · metrics from {_e(Path(metrics_dir).as_posix())}</p>",
         "<h2>Iterations</h2>",
         _iteration_table(rows),
+        "<h2>Preconditions</h2>",
+        _preconditions_table(rows),
     ]
     if unevaluated:
         parts.append(_note(f"not evaluated yet (no eval.json): iteration {', '.join(map(str, unevaluated))}"))
@@ -159,6 +161,27 @@ def _iteration_table(rows: list[dict]) -> str:
     splits = [s for s in ("test", "test_ood") if any(s in r for r in rows)]
     return _table(["iteration", *splits, *shown],
                   [[r["iteration"], *(_with_stderr(r, s) for s in splits), *(r.get(f) for f in shown)] for r in rows])
+
+
+def _preconditions_table(rows: list[dict]) -> str:
+    """Each iteration's recipe precondition as `factory train` checked it, then every signal measured."""
+    checked = [r for r in rows if "precondition_signal" in r]
+    verdict = {True: "holds", False: "fails", None: "unmeasured"}
+    parts = [_table(["iteration", "recipe", "signal", "value", "threshold", "holds"],
+                    [[r["iteration"], r.get("recipe"), r["precondition_signal"], r["precondition_value"],
+                      r["precondition_threshold"], verdict[r["precondition_holds"]]] for r in checked],
+                    failed=[r["precondition_holds"] is False for r in checked])
+             if checked else _note("no iteration's training checked a precondition yet")]
+    passes = sorted({c for r in rows for c in r if c.startswith("pass_at_")}, key=lambda c: int(c.rsplit("_", 1)[1]))
+    columns = passes + [c for c in ("solved_fraction", *SIGNALS) if any(c in r for r in rows)]
+    if columns:
+        parts.append(_table(["iteration", *columns], [[r["iteration"], *(r.get(c) for c in columns)] for r in rows]))
+        parts.append(_note("signals: pass@k over problems with a gold answer (solved fraction: over all); the "
+                           "majority vote's accuracy on gold problems (ScPO); the self-evaluation AUC, correct vs "
+                           "wrong terminal nodes (MCTS-DPO); the PRM's held-out accuracy and the majority-class "
+                           "baseline it must beat (SIPF); wrong step-controlled continuations per parent (SCDPO). "
+                           "An empty cell was not measured."))
+    return "\n".join(parts)
 
 
 def _figure(name: str, caption: str, draw: Callable) -> str:

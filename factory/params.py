@@ -51,6 +51,7 @@ SECTIONS = {
     "steps": "factory.generators.continuations:StepsConfig",
     "mcts": "factory.generators.tree:MCTSConfig",
     "audit": "factory.audit:AuditConfig",
+    "preconditions": "factory.preconditions:PreconditionsConfig",
     "dpo": "train.dpo:DPOTrainConfig",
     "prm": "train.prm:PRMConfig",
     "orpo": "train.orpo:ORPORunConfig",

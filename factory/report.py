@@ -5,13 +5,24 @@
 Each iteration k has a folder `metrics/iterations/iter_k/` where its stages
 write `eval.json` (and for k ≥ 1 `label.json`, `filter.json`, `steps.json`, `pairs.json`,
 `train.json`). The report joins them into one metrics file (`dvc metrics
-show`) and one row per iteration for `dvc plots show`.
+show`) and one row per iteration for `dvc plots show`. Each row carries the
+recipes' precondition signals measured that iteration (`pass_at_1` ..
+`pass_at_n`, `majority_accuracy_gold`, `self_eval_auc`, `prm_heldout_accuracy`
+beside `prm_heldout_baseline`, `step_negative_yield`; a signal that was not
+measured is left out) and the verdict `factory train` recorded
+(`precondition_signal`, `_value`, `_threshold`, `_holds`: null when unmeasured).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from factory.preconditions import iteration_signals
+
+# The signals shown per iteration (besides pass@k), in the order the report lists them.
+SIGNALS = ("majority_accuracy_gold", "majority_gold_problems", "self_eval_auc", "prm_heldout_accuracy",
+           "prm_heldout_baseline", "step_negative_yield")
 
 
 def iteration_numbers(params: dict) -> list[int]:
@@ -48,9 +59,13 @@ def iteration_row(folder: Path, k: int) -> dict:
         if vote := labels.get("vote"):
             row["majority_accuracy"] = vote["majority_accuracy"]
             row["mean_top_share"] = vote["mean_top_share"]
-    if (steps := _read(folder, "steps.json")) and "generated" in steps:
+    steps = _read(folder, "steps.json")
+    if steps and "generated" in steps:
         row["step_rows"] = steps["generated"]["rows"]
         row["step_tokens"] = steps["generated"]["tokens"]
+    signals = iteration_signals(labels, steps)
+    row |= {f"pass_at_{k}": value for k, value in (signals["pass_at_k"] or {}).items()}
+    row |= {name: signals[name] for name in SIGNALS if signals[name] is not None}
     if pairs := _read(folder, "pairs.json"):
         row["pairs"] = pairs["pairs"]
         if "step_pairs" in pairs:
@@ -68,6 +83,8 @@ def iteration_row(folder: Path, k: int) -> dict:
             row["dpo_reward_accuracy"] = train["dpo"]["reward_accuracy"]
         if "orpo" in train:
             row["orpo_pairs"] = train["orpo"]["pairs"]
+        if precondition := train.get("precondition"):
+            row |= {f"precondition_{key}": precondition[key] for key in ("signal", "value", "threshold", "holds")}
     return row
 
 

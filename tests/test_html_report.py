@@ -51,9 +51,13 @@ def project(tmp_path):
     write_json(metrics / "iter_1/eval.json", {"test": {"accuracy": 0.3, "stderr": 0.012},
                                               "test_ood": {"accuracy": 0.04, "stderr": 0.01}})
     write_json(metrics / "iter_1/label.json", {"sample_accuracy": 0.5, "solved_fraction": 0.75,
-                                               "vote": {"majority_accuracy": 0.5, "mean_top_share": 0.6}})
+                                               "pass_at_k": {"1": 0.5, "2": 0.6667},
+                                               "vote": {"majority_accuracy": 0.5, "mean_top_share": 0.6,
+                                                        "majority_on_gold": {"problems": 4,
+                                                                             "majority_accuracy": 0.25}}})
     write_json(metrics / "iter_1/pairs.json", {"pairs": 3, "problems_with_pairs": 2, "problems_seen": 4})
-    write_json(metrics / "iter_1/train.json", {"recipe": "dpo_st"})
+    write_json(metrics / "iter_1/train.json", {"recipe": "dpo_st", "precondition": {
+        "signal": "pass_at_n", "value": 0.6667, "threshold": 0.0, "holds": True, "message": "recipe dpo_st: ..."}})
     write_json(metrics / "iter_1/audit.json", {"passed": False, "checks": {
         "pair_sides_differ": {"violations": 2, "description": "chosen & rejected differ"},
         "ids_unique": {"violations": 0, "description": "ids are unique"}}})
@@ -161,7 +165,7 @@ def test_chromium_renders_the_page(project):
     assert struct.unpack(">II", data[16:24]) == (1000, 1600)  # the IHDR chunk: width, height
     assert len(data) > 20_000  # plots drawn, not a blank page
     dom = dump_dom(page)
-    assert dom.count("<svg") == len(PLOTS) and dom.count("<table") == 4
+    assert dom.count("<svg") == len(PLOTS) and dom.count("<table") == 6
     for heading in ("Iterations", "Plots", "Preference pairs", "Answer status", "Audit gates"):
         assert f"<h2>{heading}</h2>" in dom
     assert "Test accuracy per iteration" in dom  # SVG text as parsed into the document
@@ -174,3 +178,13 @@ def test_browser_errors_name_the_problem(tmp_path, monkeypatch):
         dump_dom(tmp_path / "page.html")
     with pytest.raises(BrowserError, match="no such file"):
         screenshot(tmp_path / "missing.html", tmp_path / "x.png")
+
+
+def test_report_shows_each_iterations_precondition_and_its_signals(project):
+    tables = Tables(build(project).read_text())
+    assert tables.starting(["iteration", "recipe", "signal"]) == [
+        ["iteration", "recipe", "signal", "value", "threshold", "holds"],
+        ["1", "dpo_st", "pass_at_n", "0.6667", "0.0000", "holds"]]
+    assert tables.starting(["iteration", "pass_at_1"]) == [
+        ["iteration", "pass_at_1", "pass_at_2", "solved_fraction", "majority_accuracy_gold", "majority_gold_problems"],
+        ["0", "", "", "", "", ""], ["1", "0.5000", "0.6667", "0.7500", "0.2500", "4"]]

@@ -7,12 +7,14 @@ import pytest
 
 import train.prm
 from factory.modeling import format_prompt, load_model
-from train.prm import PRMConfig, encode, load_prm, path_reward, score_steps, step_text, train_prm
+from train.prm import (PRMConfig, encode, heldout_problems, load_prm, path_reward, score_steps, step_text,
+                       train_prm)
 
 pytestmark = pytest.mark.slow
 
 # Large steps so a few dozen updates move a random tiny model; the defaults are for real runs.
-FAST = PRMConfig(max_steps=40, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256)
+FAST = PRMConfig(max_steps=40, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256,
+                 heldout_fraction=0.0)
 
 
 def toy_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
@@ -185,3 +187,46 @@ def test_bad_examples_are_refused(base, tmp_path):
     for examples, message in cases:
         with pytest.raises(ValueError, match=message):
             train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "x", config=FAST)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("heldout_fraction", 1.0, r"prm.heldout_fraction must be in \[0, 1\)"),
+    ("eval_every", 0, "prm.eval_every must be >= 1"),
+    ("patience", -1, "prm.patience must be >= 0"),
+])
+def test_early_stopping_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PRMConfig(**{field: value})
+
+
+def test_the_held_out_split_is_by_problem_and_deterministic_in_the_seed():
+    examples = [{"problem_id": f"p-{i % 10}"} for i in range(40)]  # four samples of each of ten problems
+    held = heldout_problems(examples, 0.2, seed=0)
+    assert len(held) == 2 and held == heldout_problems(list(reversed(examples)), 0.2, seed=0)
+    assert heldout_problems(examples, 0.2, seed=1) != held or heldout_problems(examples, 0.2, seed=2) != held
+    assert heldout_problems(examples, 0.0, seed=0) == set()
+    assert len(heldout_problems([{"problem_id": "p"}] * 3, 0.9, seed=0)) == 0  # one problem: it trains
+
+
+def test_early_stopping_keeps_the_weights_of_the_lowest_held_out_loss(base, tmp_path):
+    """Held-out problems whose labels contradict the training ones: the held-out loss rises as the PRM learns."""
+    folder, tokenizer = base
+    examples = [{**e, "problem_id": f"p-{i % 12}"} for i, e in enumerate(toy_examples(tokenizer, 48))]
+    config = PRMConfig(max_steps=60, learning_rate=3e-3, batch_size=8, warmup_steps=0, max_length=256,
+                       heldout_fraction=0.25, eval_every=5, patience=2)
+    held = heldout_problems(examples, config.heldout_fraction, config.seed)
+    flipped = [{**e, "labels": [not y for y in e["labels"]]} if e["problem_id"] in held else e for e in examples]
+    summary = train_prm(examples=flipped, model_dir=folder, out_dir=tmp_path / "prm", config=config)
+    assert len(held) == 3 and summary["heldout_examples"] == 12 and summary["examples_trained"] == 36
+    curve = summary["curve"]
+    assert [point["step"] for point in curve] == list(range(5, summary["stopped_at_step"] + 1, 5))
+    lowest = min(curve, key=lambda point: point["heldout_loss"])
+    assert summary["best_step"] == lowest["step"] and summary["heldout_loss"] == lowest["heldout_loss"]
+    assert summary["stopped_at_step"] == summary["best_step"] + 2 * 5 < config.max_steps, summary
+    assert summary["optimizer_steps"] == summary["stopped_at_step"]
+    assert summary["heldout_accuracy"] < summary["heldout_majority_baseline"] < 1.0, summary
+    # The saved model is the kept one: its held-out accuracy, measured again from disk, is the reported one.
+    heldout = [e for e in flipped if e["problem_id"] in held]
+    scores = score_steps(tmp_path / "prm", [e["prompt"] for e in heldout], [e["steps"] for e in heldout])
+    right = [(x > 0.5) == y for e, row in zip(heldout, scores) for x, y in zip(row, e["labels"])]
+    assert round(sum(right) / len(right), 4) == summary["heldout_accuracy"]

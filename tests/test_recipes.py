@@ -36,6 +36,8 @@ def test_factory_recipe_prints_the_paper_settings_and_command(capsys):
     out = capsys.readouterr().out
     assert "paper:    Prasad et al., 2024" in out and "module:   factory.recipes.scpo" in out
     assert "needs:    sample.split=unlabeled" in out
+    assert "relies:   ScPO trains toward the majority answer: on problems with a gold answer, the majority must be " \
+        "mostly right (checked before training)" in out
     assert "run:      dvc exp run -S recipe=scpo -S sample.split=unlabeled -S sample.n=8" in out
 
 

@@ -31,6 +31,7 @@ def test_report_joins_every_iterations_metrics(tmp_path):
     assert rows[0] == {"iteration": 0, "test": 0.24, "test_stderr": 0.01, "test_ood": 0.01, "test_ood_stderr": 0.003}
     assert rows[1]["pair_yield"] == 0.25 and rows[1]["solved_fraction"] == 0.45
     assert rows[1]["recipe"] == "dpo_st" and rows[1]["self_train_correct"] == 300
+    assert not any(key.startswith(("pass_at_", "precondition_")) for key in rows[1])  # not measured: left out
     table = format_table(rows)
     assert table.splitlines()[0].startswith("iteration | recipe | test")
     assert "0.300" in table
@@ -128,3 +129,26 @@ def test_each_experiment_starts_from_the_workspace_params(tmp_path, monkeypatch)
     results = compare.run_experiments(["scpo", "dpo_st"], [0], out=tmp_path / "compare.json")
     assert seen == ["recipe: dpo_st\npairs: {recipe: dpo_st}\n"] * 2
     assert Path("params.yaml").read_text() == seen[0] and set(results) == {"scpo", "dpo_st"}
+
+
+def test_report_rows_carry_the_precondition_signals_and_verdict(tmp_path):
+    write(tmp_path / "iter_0", "eval.json", {"test": {"accuracy": 0.2, "stderr": 0.01}})
+    write(tmp_path / "iter_1", "eval.json", {"test": {"accuracy": 0.2, "stderr": 0.01}})
+    write(tmp_path / "iter_1", "label.json", {"sample_accuracy": 0.2, "solved_fraction": 0.4,
+                                              "pass_at_k": {"1": 0.2, "2": 0.3, "4": 0.4},
+                                              "vote": {"majority_accuracy": 0.4, "mean_top_share": 0.5,
+                                                       "majority_on_gold": {"problems": 9, "majority_accuracy": 0.33}}})
+    write(tmp_path / "iter_1", "steps.json", {"self_eval": {"auc": 0.48},
+                                              "step_negatives": {"negatives_per_parent": 1.5},
+                                              "process": {"prm": {"heldout_accuracy": 0.7,
+                                                                  "heldout_majority_baseline": 0.72}}})
+    write(tmp_path / "iter_1", "train.json", {"recipe": "mcts_dpo", "precondition": {
+        "signal": "self_eval_auc", "value": 0.48, "threshold": 0.6, "holds": False, "message": "..."}})
+    row = flywheel_report(tmp_path, {"iterations": {"1": {"prev": 0}}})[1]
+    assert {k: v for k, v in row.items() if k.startswith(("pass_at", "majority_", "self_eval", "prm_", "step_neg",
+                                                          "precondition"))} == {
+        "pass_at_1": 0.2, "pass_at_2": 0.3, "pass_at_4": 0.4, "majority_accuracy": 0.4,
+        "majority_accuracy_gold": 0.33, "majority_gold_problems": 9, "self_eval_auc": 0.48,
+        "prm_heldout_accuracy": 0.7, "prm_heldout_baseline": 0.72, "step_negative_yield": 1.5,
+        "precondition_signal": "self_eval_auc", "precondition_value": 0.48, "precondition_threshold": 0.6,
+        "precondition_holds": False}

@@ -169,7 +169,9 @@ def test_prm_loop_crashed_after_a_checkpoint_resumes_to_the_same_weights(tiny_mo
 
     folder, tokenizer = tiny_model_dir
     examples = toy_examples(tokenizer, 12)
-    config = PRMConfig(max_steps=6, learning_rate=3e-3, batch_size=5, warmup_steps=0, max_length=128)
+    # Held-out evaluations at steps 2, 4 and 6: the checkpoint at step 3 carries the best weights of step 2.
+    config = PRMConfig(max_steps=6, learning_rate=3e-3, batch_size=5, warmup_steps=0, max_length=128,
+                       heldout_fraction=0.25, eval_every=2, patience=0)
     reference = train_prm(examples=examples, model_dir=folder, out_dir=tmp_path / "ref", config=config)
     monkeypatch.setenv("FACTORY_CHECKPOINT_SECONDS", "0")
     save = LoopCheckpoint.save
@@ -188,4 +190,6 @@ def test_prm_loop_crashed_after_a_checkpoint_resumes_to_the_same_weights(tiny_mo
     assert "resuming from" in capsys.readouterr().out
     assert_same_model(tmp_path / "prm", tmp_path / "ref")
     assert resumed["batch_loss_last"] == reference["batch_loss_last"]
+    assert resumed["curve"] == reference["curve"] and len(reference["curve"]) == 3
+    assert (resumed["best_step"], resumed["heldout_accuracy"]) == (reference["best_step"], reference["heldout_accuracy"])
     assert_nothing_left(tmp_path, "prm")

@@ -172,7 +172,11 @@ def test_label_cli_writes_votes_without_reading_gold_and_answers_the_audit_quest
     assert main([*argv, "--summary", str(tmp_path / "label.json")]) == 0
     summary = json.loads((tmp_path / "label.json").read_text())["vote"]
     assert summary == {"mean_top_share": round((3 * 0.75 + 3 * 0.5) / 6, 4), "problems_with_majority": 3,
-                       "majority_accuracy": 1.0}
+                       "majority_accuracy": 1.0, "majority_on_gold": {
+                           "problems": 6, "majority_accuracy": 0.5,  # a tied vote is not a right majority
+                           "by_top_share": [{"top_share": "[0.0, 0.5)", "problems": 0, "majority_accuracy": None},
+                                            {"top_share": "[0.5, 0.75)", "problems": 3, "majority_accuracy": 0.0},
+                                            {"top_share": "[0.75, 1.0]", "problems": 3, "majority_accuracy": 1.0}]}}
     # "How often is the majority answer wrong, by vote-share bucket?" in one query.
     answer = duckdb.sql(f"""
         select floor(top_share * 4) / 4 as bucket, count(*) as problems,
@@ -189,5 +193,6 @@ def test_label_summary_reports_the_vote():
     labels = labels.append_column("calc_wrong", pa.array([0, 0, 0, 0]))
     for name, column in vote_columns(labels).items():
         labels = labels.append_column(name, column)
-    assert label_summary(labels)["vote"] == {"mean_top_share": 0.75, "problems_with_majority": 1,
-                                             "majority_accuracy": 1.0}
+    vote = label_summary(labels)["vote"]
+    assert vote.pop("majority_on_gold")["majority_accuracy"] == 0.5  # b ties: no majority, counted as not right
+    assert vote == {"mean_top_share": 0.75, "problems_with_majority": 1, "majority_accuracy": 1.0}

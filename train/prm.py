@@ -30,7 +30,15 @@ targets (regression) and a gather at the step ends, which Trainer's token
 classification loss does not do, and a loop of a fixed number of optimizer
 steps is short. AdamW, linear warm-up then linear decay to 0, gradient norm
 clipped at 1.0 (Trainer's defaults), batches drawn from seeded permutations of
-the examples, so a run is deterministic in `seed`. The loop is not
+the examples, so a run is deterministic in `seed`. A share of the problems
+(`heldout_fraction`, chosen by a hash of the seed and the problem id, so the
+split is deterministic and no problem is on both sides) is held out: every
+`eval_every` steps the loop measures the held-out loss, keeps the weights with
+the lowest, and stops after `patience` evaluations without a lower one. The
+held-out accuracy against the majority-class baseline of the held-out labels
+is SIPF's precondition (`factory.preconditions`): a PRM that does not beat
+always guessing the commoner label ranks pairs by noise. An example's
+`problem_id` (optional) groups it; without one it is its own group. The loop is not
 distributed: under `accelerate launch`, `factory steps`, which trains it, runs
 on rank 0 alone as a plain process (`factory.cli`), the others leaving at once,
 so it never waits on a collective the other ranks do not join. Sequences are truncated at
@@ -45,6 +53,7 @@ tokenizer; `config.json` carries `prm` = {head, aggregate, max_length}.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -68,6 +77,9 @@ class PRMConfig:
     seed: int = 0
     head: str = "classification"  # "classification": P(good) from binary labels; "regression": sigmoid, soft MC scores
     aggregate: str = "mean"  # how step scores make a path reward: "mean" | "min"
+    heldout_fraction: float = 0.2  # share of problems held out for early stopping and the held-out accuracy (0: none)
+    eval_every: int = 25  # optimizer steps between held-out evaluations
+    patience: int = 3  # evaluations without a lower held-out loss before training stops (0: never early)
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -84,6 +96,28 @@ class PRMConfig:
             raise ValueError(f"prm.head must be one of {HEADS}; got {self.head!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"prm.aggregate must be one of {AGGREGATES}; got {self.aggregate!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"prm.heldout_fraction must be in [0, 1); got {self.heldout_fraction}")
+        if self.eval_every < 1:
+            raise ValueError(f"prm.eval_every must be >= 1; got {self.eval_every}")
+        if self.patience < 0:
+            raise ValueError(f"prm.patience must be >= 0; got {self.patience}")
+
+
+def heldout_problems(examples: list[dict], fraction: float, seed: int) -> set[str]:
+    """The problems held out: `fraction` of them (rounded, always leaving one to train on), ranked by a hash of
+    (seed, problem), so the split depends on nothing but the seed and the problem ids.
+
+    >>> sorted(heldout_problems([{"problem_id": p} for p in "abcdeabcde"], 0.4, seed=0))
+    ['a', 'd']
+    """
+    groups = sorted({_group(e, i) for i, e in enumerate(examples)},
+                    key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g))
+    return set(groups[: min(round(fraction * len(groups)), len(groups) - 1)])
+
+
+def _group(example: dict, index: int) -> str:
+    return str(example.get("problem_id") or f"example-{index}")
 
 
 def path_reward(scores: list[float], aggregate: str) -> float:
@@ -258,8 +292,9 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
     model, tokenizer = load_prm(model_dir, num_labels=1 if config.head == "regression" else 2, device=device)
     model.config.prm = {"head": config.head, "aggregate": config.aggregate, "max_length": config.max_length}
 
-    encoded, truncated, merged = [], 0, 0
-    for e in examples:
+    held = heldout_problems(examples, config.heldout_fraction, config.seed)
+    encoded, heldout, truncated, merged = [], [], 0, 0
+    for index, e in enumerate(examples):
         ids, positions = encode(tokenizer, e["prompt"], e["steps"], config.max_length)
         kept: dict[int, tuple[int, float]] = {}  # position -> (label, soft); a later step sharing a token wins
         for p, label, score in zip(positions, e["labels"], e["scores"], strict=True):
@@ -270,11 +305,13 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
             kept[p] = (int(bool(label)), float(score))
         if kept:
             order = sorted(kept)
-            encoded.append((ids, order, [kept[p][0] for p in order], [kept[p][1] for p in order]))
+            (heldout if _group(e, index) in held else encoded).append(
+                (ids, order, [kept[p][0] for p in order], [kept[p][1] for p in order]))
     if not encoded:
-        raise ValueError(f"no step of the {len(examples)} samples ends within max_length {config.max_length}")
-    labels_total = sum(len(c[2]) for c in encoded)
-    positives = sum(sum(c[2]) for c in encoded)
+        raise ValueError(f"no step of the {len(examples)} samples ends within max_length {config.max_length} "
+                         "outside the held-out problems")
+    labels_total = sum(len(c[2]) for c in encoded + heldout)
+    positives = sum(sum(c[2]) for c in encoded + heldout)
 
     loss_start, accuracy_start = _evaluate(model, encoded, config.head, config.batch_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -282,6 +319,8 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
     generator = torch.Generator().manual_seed(config.seed)
     queue: list[int] = []
     batch_losses = []
+    # Early stopping on the held-out loss: the best weights so far (a CPU copy), when, and the evaluations since.
+    best: dict = {"state": None, "loss": math.inf, "step": 0, "since": 0, "curve": []}
     # Checkpoints beside the output for this exact run: the loop's whole state, so a resumed run takes the same
     # batches and steps and ends with the same weights.
     checkpoint = LoopCheckpoint(out_dir, run_fingerprint("prm", model_dir=model_dir, examples=digest(examples),
@@ -293,9 +332,10 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
         schedule.load_state_dict(resumed["schedule"])
         generator.set_state(resumed["generator"])
         torch.set_rng_state(resumed["torch_rng"])
-        queue, batch_losses, first = resumed["queue"], resumed["batch_losses"], resumed["step"]
+        queue, batch_losses, first, best = resumed["queue"], resumed["batch_losses"], resumed["step"], resumed["best"]
     model.train()
     started = time.monotonic()
+    last = first
     for step in range(first, config.max_steps):
         batch = []
         while len(batch) < min(config.batch_size, len(encoded)):
@@ -314,19 +354,28 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         batch_losses.append(loss.item())
-        if step + 1 < config.max_steps and checkpoint.due():
-            checkpoint.save(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "schedule": schedule.state_dict(), "generator": generator.get_state(),
-                                       "torch_rng": torch.get_rng_state(), "queue": queue,
-                                       "batch_losses": batch_losses, "step": step + 1})
+        last = step + 1
+        if heldout and (last % config.eval_every == 0 or last == config.max_steps):
+            if _held_out_evaluation(model, heldout, config, device, last, best):
+                break
+            model.train()
+        if last < config.max_steps and checkpoint.due():
+            checkpoint.save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                                   "torch_rng": torch.get_rng_state(), "queue": queue,
+                                   "batch_losses": batch_losses, "step": last, "best": best})
     seconds = time.monotonic() - started
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     loss_end, accuracy_end = _evaluate(model, encoded, config.head, config.batch_size, device)
+    heldout_figures = _heldout_figures(model, heldout, config, device, best, stopped_at=last)
     model.to("cpu")
     save_model_atomically(model, tokenizer, out_dir)
     checkpoint.clear()
     return {
         "examples": len(examples),
         "examples_trained": len(encoded),
+        **heldout_figures,
         "steps": labels_total,
         "steps_truncated": truncated,
         "steps_sharing_a_token": merged,
@@ -337,10 +386,36 @@ def train_prm(*, examples: list[dict], model_dir: str | Path, out_dir: str | Pat
         "train_accuracy_end": round(accuracy_end, 4),
         "batch_loss_first": round(batch_losses[0], 4),
         "batch_loss_last": round(batch_losses[-1], 4),
-        "optimizer_steps": config.max_steps,
-        "seconds_per_step": round(seconds / config.max_steps, 3),
+        "optimizer_steps": last,
+        "seconds_per_step": round(seconds / max(last - first, 1), 3),
         "config": asdict(config),
     }
+
+
+def _held_out_evaluation(model, heldout: list[tuple], config: PRMConfig, device, step: int, best: dict) -> bool:
+    """Measure the held-out loss at `step`, keep the weights if it is the lowest yet; True when patience ran out."""
+    loss, accuracy = _evaluate(model, heldout, config.head, config.batch_size, device)
+    best["curve"].append({"step": step, "heldout_loss": round(loss, 4), "heldout_accuracy": round(accuracy, 4)})
+    if loss < best["loss"]:
+        best |= {"loss": loss, "step": step, "since": 0,
+                 "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+        return False
+    best["since"] += 1
+    return config.patience > 0 and best["since"] >= config.patience
+
+
+def _heldout_figures(model, heldout: list[tuple], config: PRMConfig, device, best: dict, *, stopped_at: int) -> dict:
+    """The held-out split's size, the kept model's accuracy on it and the majority-class baseline to beat."""
+    labels = [y for c in heldout for y in c[2]]
+    if not labels:
+        return {"heldout_examples": 0, "heldout_steps": 0, "heldout_loss": None, "heldout_accuracy": None,
+                "heldout_majority_baseline": None, "best_step": stopped_at, "stopped_at_step": stopped_at,
+                "curve": []}
+    loss, accuracy = _evaluate(model, heldout, config.head, config.batch_size, device)
+    share = sum(labels) / len(labels)
+    return {"heldout_examples": len(heldout), "heldout_steps": len(labels), "heldout_loss": round(loss, 4),
+            "heldout_accuracy": round(accuracy, 4), "heldout_majority_baseline": round(max(share, 1 - share), 4),
+            "best_step": best["step"], "stopped_at_step": stopped_at, "curve": best["curve"]}
 
 
 def score_steps(prm_dir_or_model, prompts: list[str], steps: list[list[str]], *,

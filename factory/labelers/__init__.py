@@ -74,10 +74,13 @@ def label_samples(samples: pa.Table, problems: pa.Table, *, samples_source: str 
 
 
 def label_summary(labels: pa.Table, votes: pa.Table | None = None) -> dict:
-    """Counts per answer status, how many problems got at least one correct sample (pass@n), and the vote.
+    """Counts per answer status, how many problems got at least one correct sample, pass@k, and the vote.
 
-    `votes` is `vote_table(labels)` when the caller has it already.
+    `votes` is `vote_table(labels)` when the caller has it already. pass@k and the vote's accuracy on problems
+    with a gold answer are the recipes' precondition signals (`factory.preconditions.label_signals`).
     """
+    from factory.preconditions import label_signals
+
     statuses: dict[str, int] = {}
     for status in labels.column("answer_status").to_pylist():
         statuses[status] = statuses.get(status, 0) + 1
@@ -96,8 +99,11 @@ def label_summary(labels: pa.Table, votes: pa.Table | None = None) -> dict:
     }
     if votes is None and "vote_count" in labels.column_names and labels.column("vote_count").null_count < labels.num_rows:
         votes = vote_table(labels)
+    problem_ids, verdicts = labels.column("problem_id").to_pylist(), labels.column("correct").to_pylist()
+    signals = label_signals(problem_ids, verdicts, votes.to_pylist() if votes is not None else None)
+    summary["gold_problems"], summary["pass_at_k"] = signals["gold_problems"], signals["pass_at_k"]
     if votes is not None:
-        summary["vote"] = vote_summary(votes)
+        summary["vote"] = vote_summary(votes) | {"majority_on_gold": signals["majority_on_gold"]}
     return summary
 
 

@@ -54,6 +54,11 @@ class Recipe:
       in `train.iteration`.
     - `samples_again`: the training step samples a second round (its sampling
       backend is checked before any training).
+    - `precondition(signals, config) -> Check`: what its method relies on, as
+      a check of one signal the factory measured this iteration
+      (`factory.preconditions`) against a threshold in params `preconditions`;
+      `factory train` checks it before training. None: it relies on nothing
+      measured (gold-only SFT).
     """
 
     name: str
@@ -65,6 +70,7 @@ class Recipe:
     needs: Mapping[str, Any] = field(default_factory=dict)
     setup: Mapping[str, Any] = field(default_factory=dict)
     samples_again: bool = False
+    precondition: Callable[[Mapping[str, Any], Any], Any] | None = None
     module: str  # the module that defines it (`__name__`), where its method is written down
 
     def settings(self) -> dict[str, Any]:
@@ -178,6 +184,8 @@ def describe(recipe: Recipe) -> str:
     if recipe.pairs:
         lines.append(f"  pairs:    rule {recipe.pairs.name!r}, "
                      + ("gold-judged" if recipe.pairs.gold_judged else "judged without gold"))
+    if recipe.precondition:
+        lines.append(f"  relies:   {recipe.precondition.__doc__.splitlines()[0].rstrip('.')} (checked before training)")
     for title, values in (("needs", recipe.needs), ("setup", recipe.setup)):
         if values:
             lines.append(f"  {title + ':':<9} " + ", ".join(f"{k}={_setting(v)}" for k, v in values.items()))

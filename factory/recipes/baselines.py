@@ -47,9 +47,9 @@ SFT = register(Recipe(
     summary="more SFT on gold from the previous model, the same optimizer steps"))
 SELF_TRAIN = register(Recipe(
     module=__name__, name="self_train", paper="self-training (Zelikman et al., 2022)", train=train_self_train,
-    samples_again=True,
+    samples_again=True, precondition=dpo_st.needs_correct_samples,
     summary="no DPO: a second round of samples; the base retrained on gold + correct samples of both rounds"))
 DPO = register(Recipe(
     module=__name__, name="dpo", paper="ScPO's supervised counterpart (Prasad et al., 2024)", train=train_dpo,
-    pairs=dpo_st.PAIRS, setup={"sample.n": 8},
+    pairs=dpo_st.PAIRS, setup={"sample.n": 8}, precondition=dpo_st.needs_correct_samples,
     summary="weighted DPO + NLL on gold-judged pairs; that model is the iteration's"))

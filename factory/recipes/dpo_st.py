@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from factory.pairs import (NO_NEGATIVE, NO_POSITIVE, SKIP_REASONS, PairsConfig, StepData, check_inputs,
                            group_by_problem, least_similar, pair_row, summarize)
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 
 
@@ -93,7 +94,14 @@ def _bulk(*args, **kwargs):
     return dpo_st_table(*args, **kwargs)
 
 
+def needs_correct_samples(signals, config: PreconditionsConfig) -> Check:
+    """Gold-judged pairs and self-training need correct samples: pass@n over gold problems above the threshold."""
+    return at_least(signals, "pass_at_n", config.min_pass_at_n, strict=True,
+                    why="its pairs and its self-training data need problems the model solves at least once")
+
+
 PAIRS = PairRule(make=dpo_st_pairs, settings=PairsConfig, gold_judged=True, bulk=_bulk)
 RECIPE = register(Recipe(
     module=__name__, name="dpo_st", paper="Wang et al., ACL 2024", train=train, pairs=PAIRS, samples_again=True,
+    precondition=needs_correct_samples,
     summary="DPO on gold-judged pairs, then the base retrained on gold + the DPO model's correct samples"))

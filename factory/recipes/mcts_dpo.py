@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from factory.ids import content_id
 from factory.pairs import PairsConfig, StepData, summarize
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 from factory.recipes.baselines import train_dpo
 from factory.reasoning_steps import split_steps
@@ -67,13 +68,15 @@ def make_steps(inputs):
     """One search tree per problem the iteration sampled, the first `mcts.problems` with a gold answer."""
     from factory.generators.tree import MCTSConfig
     from factory.params import as_dict
+    from factory.preconditions import self_eval_signal
     from factory.step_stage import StepTables
 
     config = inputs.section("mcts", MCTSConfig)
     nodes, search = _search(inputs, config)
     summary = {"search": search, "generated": {"rows": len(nodes), "tokens": search["generated_tokens"],
                                                "correct": search["correct_terminal_nodes"],
-                                               "parents": search["expansions"]}}
+                                               "parents": search["expansions"]},
+               "self_eval": self_eval_signal(nodes)}  # the precondition: does P(yes) tell right from wrong?
     return StepTables(nodes=nodes, params={"mcts": as_dict(config)}, summary=summary)
 
 
@@ -191,7 +194,14 @@ def mcts_dpo_pairs(problems: list[dict], samples: list[dict], labels: list[dict]
     return rows, summary
 
 
+def self_evaluation_informative(signals, config: PreconditionsConfig) -> Check:
+    """Node values weigh the policy's own P(yes): it must tell gold-correct from gold-wrong terminal nodes."""
+    return at_least(signals, "self_eval_auc", config.min_self_eval_auc,
+                    why="self-evaluation P(yes) is part of every node's value; at AUC 0.5 it is noise")
+
+
 RECIPE = register(Recipe(
     module=__name__, name="mcts_dpo", paper="Xie et al., 2024", train=train_dpo, make_steps=make_steps,
     pairs=PairRule(make=mcts_dpo_pairs, settings=MCTSPairs, gold_judged=False), setup={"sample.n": 1},
+    precondition=self_evaluation_informative,
     summary="DPO on step pairs from tree search: the best sibling step over the worst by Q"))

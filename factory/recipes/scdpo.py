@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from factory.pairs import PairsConfig, StepData, group_by_problem, step_pair_row, summarize
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 from factory.recipes.baselines import train_dpo
 from factory.recipes.dpo_st import dpo_st_pairs
@@ -43,9 +44,13 @@ class ScDPOPairs(PairsConfig):
 def make_steps(inputs):
     """Step-controlled continuations of the correct kept samples, labelled against gold."""
     from factory.generators.continuations import StepsConfig, negatives_in_shards
+    from factory.preconditions import step_negative_yield
     from factory.step_stage import generate_and_label
 
-    return generate_and_label(inputs, negatives_in_shards, inputs.section("steps", StepsConfig)).tables
+    tables = generate_and_label(inputs, negatives_in_shards, inputs.section("steps", StepsConfig)).tables
+    # The precondition: how many wrong continuations (negatives) the parents yielded.
+    tables.summary["step_negatives"] = step_negative_yield(tables.samples, tables.labels.column("correct").to_pylist())
+    return tables
 
 
 STEP_CONTROLLED = "step_controlled"  # the generator of SCDPO's continuations (factory.generators.continuations)
@@ -139,8 +144,14 @@ def scdpo_pairs(problems: list[dict], samples: list[dict], labels: list[dict], *
                 "unjudged_samples": naive_summary["unjudged_samples"]}
     return rows, summary
 
+def negatives_found(signals, config: PreconditionsConfig) -> Check:
+    """Step-controlled pairs exist only where a continuation of a correct sample goes wrong."""
+    return at_least(signals, "step_negative_yield", config.min_negatives_per_parent,
+                    why="wrong continuations per parent: too few, and its pairs are DPO-ST's naive ones")
+
+
 RECIPE = register(Recipe(
     module=__name__, name="scdpo", paper="Lu et al., 2024", train=train_dpo, make_steps=make_steps,
-    pairs=PairRule(make=scdpo_pairs, settings=ScDPOPairs, gold_judged=True),
+    pairs=PairRule(make=scdpo_pairs, settings=ScDPOPairs, gold_judged=True), precondition=negatives_found,
     summary="DPO on the naive pairs plus step-controlled ones: a correct sample over its continuation "
             "that went wrong after step j"))

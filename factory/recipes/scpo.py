@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from factory.pairs import (NO_NEGATIVE, NO_POSITIVE, PairsConfig, StepData, check_inputs, group_by_problem,
                            least_similar, pair_row, summarize)
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 from factory.recipes.baselines import train_dpo
 from factory.recipes.dpo_st import dpo_st_pairs
@@ -148,13 +149,22 @@ def scpo_semi_pairs(problems: list[dict], samples: list[dict], labels: list[dict
     summary["gold_pairs"], summary["vote_pairs"] = parts[0][1]["pairs"], parts[1][1]["pairs"]
     return rows, summary
 
+def majority_mostly_right(signals, config: PreconditionsConfig) -> Check:
+    """ScPO trains toward the majority answer: on problems with a gold answer, the majority must be mostly right.
+
+    On a split without gold (ScPO's own, `unlabeled`) this cannot be measured, and says so."""
+    return at_least(signals, "majority_accuracy_gold", config.min_majority_accuracy,
+                    why="the vote's top answer is the chosen side, so it must be right on most gold problems")
+
+
 SCPO = register(Recipe(
     module=__name__, name="scpo", paper="Prasad et al., 2024", train=train_dpo,
     pairs=PairRule(make=scpo_pairs, settings=ScPOPairs, gold_judged=False),
-    needs={"sample.split": "unlabeled"}, setup={"sample.n": 8},
+    needs={"sample.split": "unlabeled"}, setup={"sample.n": 8}, precondition=majority_mostly_right,
     summary="no gold: the most-voted answer over the least-voted, weighted DPO + NLL by the vote margin"))
 SCPO_SEMI = register(Recipe(
     module=__name__, name="scpo_semi", paper="Prasad et al., 2024 (semi-supervised)", train=train_dpo,
     pairs=PairRule(make=scpo_semi_pairs, settings=ScPOSemiPairs, gold_judged=True),
     needs={"sample.split": "answers+unlabeled"}, setup={"sample.limit": 250, "sample.n": 8},
+    precondition=majority_mostly_right,
     summary="gold pairs where a problem has a gold answer, vote pairs where not; weighted DPO + NLL"))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from factory.pairs import NO_POSITIVE, PairsConfig, StepData, check_inputs, group_by_problem, pair_row, summarize
+from factory.preconditions import Check, PreconditionsConfig, at_least
 from factory.recipes.base import PairRule, Recipe, register
 
 NO_MARGIN = "no_margin"  # no sample's path reward is eta below a correct sample's
@@ -137,7 +138,7 @@ def process_rewards(*, model_dir, problems, kept, labels, rollouts, rollout_labe
     scored = rollout_scores(kept, labels, rollouts, rollout_labels, steps_config, model_id=policy_id)
     question = {p["problem_id"]: p["question"] for p in problems}
     text = {s["sample_id"]: s["text"] for s in kept}
-    examples = [{"prompt": format_prompt(tokenizer, question[row["problem_id"]]),
+    examples = [{"problem_id": row["problem_id"], "prompt": format_prompt(tokenizer, question[row["problem_id"]]),
                  "steps": split_steps(text[row["sample_id"]], steps_config.delimiter),
                  "labels": row["step_labels"], "scores": row["step_scores"]} for row in scored.to_pylist()]
     summary: dict = {"rollout_scored_samples": scored.num_rows,
@@ -198,8 +199,15 @@ def train(it) -> dict:
     return blocks.orpo_model(it, [*earlier_pairs(it.prev_dir), it.pairs_path], it.start())
 
 
+def prm_beats_majority_class(signals, config: PreconditionsConfig) -> Check:
+    """The PRM ranks the pairs: on held-out problems it must beat always guessing the commoner step label."""
+    return at_least(signals, "prm_heldout_accuracy", "prm_heldout_baseline", strict=True,
+                    why="the threshold is the held-out labels' majority-class share; "
+                        "a PRM at or below it ranks pairs by noise")
+
+
 RECIPE = register(Recipe(
     module=__name__, name="sipf_orpo", paper="Chen et al., COLING 2025", train=train, make_steps=make_steps,
     pairs=PairRule(make=sipf_orpo_pairs, settings=SIPFPairs, gold_judged=False),
-    setup={"filter.calculator_consistent": True},
+    setup={"filter.calculator_consistent": True}, precondition=prm_beats_majority_class,
     summary="ORPO on pairs ranked by a process reward model trained on Monte Carlo rollouts; the data grows"))
