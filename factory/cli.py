@@ -163,8 +163,11 @@ def cmd_base(args) -> None:
         data={"problems": args.problems}, params={"base_model": config.base_model, "model": as_dict(tiny), **made},
         metrics=summary,
     )
+    pretrained = (f", pretrained {summary['pretrain_steps']} steps on {summary['pretrain_documents']} documents, "
+                  f"loss {summary['pretrain_first_loss']} -> {summary['pretrain_final_loss']}"
+                  if "pretrain_steps" in summary else "")
     print(f"{args.out}: base model {record['model_id']} ({summary['parameters'] / 1e6:.2f}M parameters, "
-          f"vocabulary {summary['vocab_size']})")
+          f"vocabulary {summary['vocab_size']}{pretrained})")
 
 
 def cmd_warmup(args) -> None:

@@ -31,7 +31,7 @@ from train.common import Checkpoints, cpu_safe_settings, digest, run_fingerprint
 class PretrainConfig:
     """params.yaml `pretrain`: the tiny base's pretraining corpus and schedule (0 steps: random weights)."""
 
-    steps: int = 1200  # optimizer steps; 0 keeps the from-scratch model
+    steps: int = 600  # optimizer steps; 0 keeps the from-scratch model
     families: tuple[str, ...] = ("shop", "compare", "rate")  # story families of the corpus: none of the task's
     problems: int = 12000  # corpus word problems, each with its rationale
     min_steps: int = 1

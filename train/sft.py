@@ -4,7 +4,7 @@
     factory warmup --problems data/problems.parquet --base models/base --out models/iter_0
 
 `build_base` makes the base model: with `base_model: tiny`, a tokenizer and a
-small Llama built from scratch on the task's own text; otherwise a Hub id or
+small Llama, pretrained on a corpus disjoint from the task (`train.pretrain`); otherwise a Hub id or
 local folder, saved as it is, or a GGUF file, dequantized and saved as an
 ordinary HF folder with its tokenizer and chat template. `train_sft` fine-tunes a model on (question,
 rationale) examples with TRL's SFTTrainer (prompt-completion format). The
@@ -39,12 +39,12 @@ from train.pretrain import PretrainConfig
 class SFTRunConfig:
     """How one SFT run trains and is scored on dev (shared by params `warmup` and `self_train`)."""
 
-    learning_rate: float = 3e-3  # the tiny from-scratch model; a pretrained one wants ~1e-5
+    learning_rate: float = 3e-3  # the tiny model; a real pretrained one (SmolLM2, Qwen) wants ~1e-5
     lr_schedule: str = "linear"  # decays to 0 at the end: late epochs settle instead of jittering
     batch_size: int = 16
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    completion_only_loss: bool = False  # False: also learn the question text (helps a model trained from scratch)
+    completion_only_loss: bool = False  # False: also learn the question text (helps the tiny model read the task)
     dev_split: str = "dev"
     dev_max_new_tokens: int = 128
     seed: int = 0
@@ -58,7 +58,7 @@ class WarmupConfig(SFTRunConfig):
     base_model: str = TINY  # "tiny", a Hub id, a local model folder or a GGUF file (saved as an HF folder)
     max_epochs: int = 16
     patience: int = 3  # dev evaluations without improvement before stopping
-    min_epochs: int = 10  # never stop before this: from-scratch models sit near 0% for several epochs
+    min_epochs: int = 8  # never stop before this: the tiny model needs a few epochs to read the task's stories
     min_delta: float = 0.0  # an improvement must exceed this
 
 
