@@ -132,3 +132,6 @@ def test_pretrained_base_is_trained_deterministic_and_recorded(problems, base, t
     assert summaries[0]["pretrain_documents"] == 20 and summaries[0]["pretrain_final_loss"] is not None
     assert model_id(tmp_path / "a") == model_id(tmp_path / "b") != model_id(base)
     assert not list(tmp_path.glob(".*checkpoints*"))  # cleaned up after itself
+    random_weights = build_base(problems=problems, base_model="tiny", tiny=TINY, out_dir=tmp_path / "c",
+                                pretraining=dataclasses.replace(PRETRAIN, steps=0), task_families=("shop",))
+    assert "pretrain_steps" not in random_weights  # no corpus, so its families cannot clash with the task's

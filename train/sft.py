@@ -87,10 +87,10 @@ def build_base(*, problems: list[dict], base_model: str, tiny: TinyModelConfig, 
     from train.pretrain import check_disjoint, corpus, pretrain
 
     pretraining = pretraining or PretrainConfig(steps=0)
-    check_disjoint(pretraining, task_families)
     texts = _tiny_tokenizer_texts(problems)
     documents = []
     if pretraining.steps:
+        check_disjoint(pretraining, task_families)
         bootstrap = train_tokenizer(texts, tiny.vocab_size)  # formats the corpus' chat turns; BPE merges aside
         documents = corpus(pretraining, bootstrap, {p["question"] for p in problems})
     tokenizer = train_tokenizer(texts + documents, tiny.vocab_size)
