@@ -125,6 +125,19 @@ def test_pretraining_corpus_is_seeded_and_disjoint_from_the_task(problems, base)
     check_disjoint(PRETRAIN, ("collect",))
 
 
+def test_bad_pretrain_params_name_the_file_section_and_key():
+    from factory.params import ParamsError, section
+
+    for values, message in (({"families": ["shop", "shoe"]}, r"key 'families': unknown \['shoe'\]; choose from"),
+                            ({"families": []}, "key 'families': unknown empty list"),
+                            ({"min_steps": 3, "max_steps": 2}, "keys 'min_steps', 'max_steps': need 1 <= min_steps "
+                                                               "<= max_steps <= 8, got 3, 2"),
+                            ({"min_steps": 0}, "keys .min_steps., .max_steps.: need 1 <= min_steps"),
+                            ({"max_distractors": -1}, "key 'max_distractors': must be >= 0")):
+        with pytest.raises(ParamsError, match=r"^my/params.yaml: section 'pretrain'[:,] " + message):
+            section({"pretrain": values}, "pretrain", PretrainConfig, path="my/params.yaml")
+
+
 def test_pretrained_base_is_trained_deterministic_and_recorded(problems, base, tmp_path):
     summaries = [build_base(problems=problems, base_model="tiny", tiny=TINY, out_dir=tmp_path / name,
                             pretraining=PRETRAIN, task_families=("collect",)) for name in ("a", "b")]

@@ -49,6 +49,15 @@ class PretrainConfig:
             raise ValueError("pretrain: steps, problems and arithmetic must be >= 0")
         if self.steps and not (self.problems or self.arithmetic):
             raise ValueError("pretrain: steps > 0 needs a corpus (problems or arithmetic > 0)")
+        # The corpus' word problems come from ArithConfig; checked here so an error names this section's keys.
+        from factory.problems.arith import FAMILIES
+
+        unknown = [family for family in self.families if family not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"key 'families': unknown {unknown or 'empty list'}; choose from {list(FAMILIES)}")
+        if not 1 <= self.min_steps <= self.max_steps <= 8:
+            raise ValueError(f"keys 'min_steps', 'max_steps': need 1 <= min_steps <= max_steps <= 8, "
+                             f"got {self.min_steps}, {self.max_steps}")
 
 
 def check_disjoint(config: PretrainConfig, task_families: tuple[str, ...]) -> None:
