@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.lineage import CODE_PACKAGES
+
 KINDS = ("local", "ray")
-# The modules whose code `factory.lineage.code_version` hashes: what a worker ran, the driver imports too.
-_CODE_PACKAGES = ("factory", "train")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +85,7 @@ def connect(config: ExecutorConfig) -> None:
     if ray.is_initialized():
         return
     root = Path(__file__).resolve().parent.parent
-    code = {"py_modules": [str(root / package) for package in _CODE_PACKAGES]}
+    code = {"py_modules": [str(root / package) for package in CODE_PACKAGES]}
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=code)
@@ -106,7 +106,8 @@ class ShardWorker:
         import numpy as np
 
         rows = [pickle.dumps(self.work(self.loaded, pickle.loads(items))) for items in batch["items"]]
-        modules = sorted(name for name in sys.modules if name.split(".")[0] in _CODE_PACKAGES)
+        # What this worker imported: its code counts in the output's code version, as the driver's does.
+        modules = sorted(name for name in sys.modules if name.split(".")[0] in CODE_PACKAGES)
         return {"index": batch["index"], "rows": np.array(rows, dtype=object),
                 "modules": np.array([pickle.dumps(modules)] * len(rows), dtype=object)}
 

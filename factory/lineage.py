@@ -43,7 +43,10 @@ MODEL_LINEAGE_FILE = "lineage.json"
 _MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-_CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "train")
+# The packages whose code `code_version` hashes (and a Ray cluster's workers are shipped).
+CODE_PACKAGES = ("factory", "train")
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_CODE_ROOTS = tuple(_PROJECT_ROOT / package for package in CODE_PACKAGES)
 # The libraries whose versions shape the bytes of a table or model (besides python and factory itself).
 VERSIONED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "tokenizers", "duckdb", "pyarrow", "numpy")
 
@@ -58,7 +61,7 @@ def loaded_sources() -> list[Path]:
         path = Path(file).resolve()
         if any(path.is_relative_to(root) for root in _CODE_ROOTS):
             files.add(path)
-    return sorted(files, key=lambda path: path.relative_to(_CODE_ROOTS[0].parent).as_posix())
+    return sorted(files, key=lambda path: path.relative_to(_PROJECT_ROOT).as_posix())
 
 
 def code_version() -> str:
@@ -69,9 +72,8 @@ def code_version() -> str:
     (tests, benchmarks, other stages) does not change it. Not cached: a stage may import more as it goes.
     """
     digest = hashlib.blake2b(digest_size=6)
-    root = _CODE_ROOTS[0].parent
     for file in loaded_sources():
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+        digest.update(file.relative_to(_PROJECT_ROOT).as_posix().encode() + b"\0" + file.read_bytes())
     return f"{__version__}+{digest.hexdigest()}"
 
 
@@ -189,12 +191,12 @@ def dvc_lock_outputs(root: str | Path = ".") -> dict[str, dict]:
 
     Empty when the project has no lock file (a table made outside DVC).
     """
-    import yaml
+    from factory.params import read_yaml
 
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = (read_yaml(lock.read_text()) or {}).get("stages", {})
     outputs = {}
     for stage, entry in stages.items():
         params = {key: value for file_params in (entry.get("params") or {}).values()
