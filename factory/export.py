@@ -636,8 +636,10 @@ def _chain(model_id: str, models: dict[str, dict]) -> str:
 
 
 def _load_params(root: Path) -> dict:
+    from factory.params import read_yaml
+
     path = root / "params.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (read_yaml(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _git(root: Path, *args: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,23 @@ class ParamsError(ValueError):
     """params.yaml does not fit a stage's config; the message names the file, section and key."""
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `3e-05` as the number YAML 1.2 says it is.
+
+    PyYAML follows YAML 1.1, where a float needs a decimal point, so `3e-05` is text. DVC writes params
+    with ruamel.yaml (YAML 1.2), and `dvc exp run -S dpo.learning_rate=3.0e-5` leaves `3e-05` in the file.
+    """
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as DVC writes it (params.yaml, dvc.lock): safe, with YAML 1.2's floats."""
+    return yaml.load(text, Loader=_Yaml12FloatLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -27,7 +45,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: not a params file (a folder?)")
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        params = read_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
         raise ParamsError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:

@@ -97,6 +97,16 @@ def test_the_whole_params_file_is_checked_with_the_file_and_key_named(params_fil
     assert str(params_file) in str(error.value) and message in str(error.value), str(error.value)
 
 
+def test_small_floats_as_dvc_writes_them_are_numbers(params_file):
+    """`dvc exp run -S dpo.learning_rate=3.0e-5` writes `3e-05` (YAML 1.2), which YAML 1.1 reads as text."""
+    text = params_file.read_text()
+    params_file.write_text(text.replace("learning_rate: 1.0e-4", "learning_rate: 3e-05"))
+    assert params_file.read_text() != text
+    params = load_params(params_file)
+    validate_params(params, path=params_file)
+    assert params["dpo"]["learning_rate"] == 3e-05 and params["sample"]["n"] == 4
+
+
 def test_invalid_yaml_and_a_folder_are_one_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("sample:\n  n: [4\n")
